@@ -1,0 +1,1 @@
+"""hydrabrain MCP servers and the `hydrabrain` command."""

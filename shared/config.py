@@ -1,0 +1,286 @@
+"""One settings object for the whole suite.
+
+Where settings come from, later wins:
+  1. the defaults below,
+  2. ``hydrabrain.toml`` (``--config``, then ``$HYDRABRAIN_CONFIG``, then ``./hydrabrain.toml``,
+     then the user config dir),
+  3. ``HYDRABRAIN_*`` variables: ``HYDRABRAIN_HOME`` for the data home and
+     ``HYDRABRAIN_<SECTION>_<FIELD>`` for any scalar or list field (``HYDRABRAIN_WIKI_MAX_SOURCE_BYTES``),
+     plus the aliases a field declares (``HYDRABRAIN_WEB_SEARCH_URL``).
+
+Secrets never live here: a field ending in ``_env`` names the environment variable that holds one.
+Each server owns its section; constructors take the section (or the whole ``Settings``), not flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+APP = "hydrabrain"
+CONFIG_FILENAME = "hydrabrain.toml"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def env_alias(name: str) -> dict[str, Any]:
+    """Field metadata: an extra environment variable that sets this field."""
+    return {"json_schema_extra": {"env": name}}
+
+
+class EmbeddingConfig(Section):
+    model: str = Field("minilm", description="'minilm' (the packaged all-MiniLM-L6-v2) or a sentence-transformers model path")
+    batch_size: int = Field(32, ge=1, description="Texts per forward pass")
+    cache: bool = Field(True, description="Cache embeddings by content hash under the data home")
+
+
+class VectorConfig(Section):
+    url: str | None = Field(None, description="Qdrant server URL; unset means the embedded Qdrant Edge shard under the data home")
+    api_key_env: str = Field("QDRANT_API_KEY", description="Variable holding the Qdrant API key (server only)")
+    hnsw_ef: int = Field(128, ge=8, description="HNSW search breadth; higher is slower and more exact")
+    exact: bool = Field(False, description="Search exhaustively instead of through the HNSW index")
+
+
+class GraphConfig(Section):
+    url: str | None = Field(None, description="Bolt URL (bolt://host:7687) of a Neo4j-compatible server; unset means embedded SQLite")
+    user: str | None = Field(None, description="Bolt user name; unset connects without auth")
+    password_env: str = Field("HYDRABRAIN_GRAPH_PASSWORD", description="Variable holding the Bolt password")
+
+
+class WikiConfig(Section):
+    root: Path | None = Field(None, description="The wiki's git repository; unset means <home>/wiki")
+    allowed_roots: list[Path] = Field(default_factory=list, description="Folders `ingest` may read files from; empty means the current directory only")
+    allow_private_urls: bool = Field(False, description="Allow ingesting URLs that resolve to loopback or private addresses")
+    max_source_bytes: int = Field(5_000_000, ge=1, description="Largest source accepted by ingest")
+    fetch_timeout_s: float = Field(15.0, gt=0, description="Timeout for fetching a URL source")
+
+
+class MemoryConfig(Section):
+    max_text_chars: int = Field(20_000, ge=1, description="Largest text one `remember` call accepts")
+    recency_half_life_days: float = Field(30.0, gt=0, description="Age at which an episode's recency boost halves")
+
+
+class CragConfig(Section):
+    upper_threshold: float | None = Field(None, description="Evaluator score above which a document is Correct; unset uses the calibrated value")
+    lower_threshold: float | None = Field(None, description="Evaluator score below which every document makes the set Incorrect; unset uses the calibrated value")
+    evaluator: Literal["minilm", "backend", "router"] = Field("minilm", description="Retrieval evaluator")
+    web_search_url: str | None = Field(None, description="SearXNG-compatible base URL for web search", **env_alias("HYDRABRAIN_WEB_SEARCH_URL"))
+    web_search_provider: Literal["searxng", "brave"] = Field("searxng", description="Wire format of the web-search endpoint")
+    web_search_api_key_env: str = Field("HYDRABRAIN_WEB_SEARCH_KEY", description="Variable holding the web-search API key (commercial providers)")
+    web_timeout_s: float = Field(10.0, gt=0, description="Timeout for each web-search or page fetch")
+    allow_private_urls: bool = Field(False, description="Allow fetching web results that resolve to loopback or private addresses")
+
+
+class ModelPrice(Section):
+    name: str = Field(..., description="Model name as the provider spells it")
+    input_per_mtok: float = Field(0.0, ge=0, description="Price per million input tokens")
+    output_per_mtok: float = Field(0.0, ge=0, description="Price per million output tokens")
+    context_window: int = Field(8192, ge=1, description="Context window in tokens")
+    tasks: dict[str, int] = Field(default_factory=dict, description="Task type -> quality tier (higher is better)")
+
+
+class ProviderConfig(Section):
+    name: str = Field(..., description="Provider name used in routing decisions and the ledger")
+    kind: Literal["openai", "anthropic"] = Field("openai", description="Wire format")
+    base_url: str = Field(..., description="API base URL")
+    api_key_env: str | None = Field(None, description="Variable holding the API key")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout")
+    models: list[ModelPrice] = Field(default_factory=list, description="Models served, with prices and task tiers")
+
+
+class DownstreamConfig(Section):
+    prefix: str = Field(..., description="Prefix for the downstream server's tools (prefix_tool)")
+    command: list[str] | None = Field(None, description="stdio command of an external MCP server")
+    url: str | None = Field(None, description="Streamable-HTTP URL of an external MCP server")
+    hide: list[str] = Field(default_factory=list, description="Downstream tool names to hide")
+    rename: dict[str, str] = Field(default_factory=dict, description="Downstream tool name -> exposed name")
+
+
+class BudgetConfig(Section):
+    tenant: str | None = Field(None, description="Tenant the budget applies to; unset means every tenant")
+    feature: str | None = Field(None, description="Feature the budget applies to; unset means every feature")
+    period: Literal["day", "month", "total"] = Field("month", description="Budget period")
+    limit_usd: float = Field(..., ge=0, description="Spend allowed in the period")
+
+
+class RouterConfig(Section):
+    mount: list[str] = Field(default_factory=lambda: ["wiki", "memory", "crag", "loop"], description="Suite servers the router mounts")
+    downstream: list[DownstreamConfig] = Field(default_factory=list, description="External MCP servers to mount")
+    hide: list[str] = Field(default_factory=list, description="Exposed tool names to hide")
+    providers: list[ProviderConfig] = Field(default_factory=list, description="LLM providers; empty uses OPENAI_*/ANTHROPIC_* variables")
+    budgets: list[BudgetConfig] = Field(default_factory=list, description="Spend limits")
+    quality: Literal["cheapest", "balanced", "best"] = Field("balanced", description="Cost-quality setting")
+    max_retries: int = Field(2, ge=0, description="Retries per model before falling back")
+    cooldown_s: float = Field(60.0, ge=0, description="How long a failing deployment is skipped")
+    cooldown_after_failures: int = Field(3, ge=1, description="Consecutive failures that start a cooldown")
+    exact_cache: bool = Field(True, description="Cache identical prompts")
+    semantic_cache: bool = Field(False, description="Cache by embedding similarity (per tenant)")
+    semantic_cache_threshold: float = Field(0.95, gt=0, le=1, description="Similarity needed for a semantic cache hit")
+
+
+class LoopConfig(Section):
+    worktree_root: Path | None = Field(None, description="Where finding worktrees go; unset means <home>/loop/worktrees")
+    test_command: list[str] | None = Field(None, description="The repo's test command; unset detects (pytest for Python repos)")
+    test_timeout_s: float = Field(600.0, gt=0, description="Budget for one test-command run")
+    issues_dir: str = Field("issues", description="Folder of markdown issues inside the repo, used without a GitHub token")
+    github_repo: str | None = Field(None, description="owner/name on GitHub for issue discovery")
+    github_api_url: str = Field("https://api.github.com", description="GitHub REST base URL")
+    github_token_env: str = Field("GITHUB_TOKEN", description="Variable holding the GitHub token")
+    implementer_command: list[str] | None = Field(None, description="Agent CLI run inside each worktree; {task_file} is substituted")
+    implementer_timeout_s: float = Field(1800.0, gt=0, description="Time budget for the implementer")
+    implementer_max_output_bytes: int = Field(1_000_000, ge=1, description="Output budget for the implementer")
+    max_findings_per_cycle: int = Field(10, ge=1, description="Loop budget: findings handled per cycle")
+    cycle_timeout_s: float = Field(3600.0, gt=0, description="Time budget for one cycle")
+
+
+class BackendConfig(Section):
+    model: str = Field("smollm2-135m", description="Model served by `hydrabrain backend serve`")
+    host: str = Field("127.0.0.1", description="Bind address")
+    port: int = Field(8808, ge=1, le=65535, description="Port")
+    kv_budget_tokens: int | None = Field(None, description="Default per-request KV budget; unset keeps the full cache")
+    max_batch: int = Field(8, ge=1, description="Most sequences decoded together")
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    home: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir(APP)), description="Data home", **env_alias("HYDRABRAIN_HOME"))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level (logs go to stderr)")
+    embeddings: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    vectors: VectorConfig = Field(default_factory=VectorConfig)
+    graph: GraphConfig = Field(default_factory=GraphConfig)
+    wiki: WikiConfig = Field(default_factory=WikiConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    crag: CragConfig = Field(default_factory=CragConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    def data_dir(self, *parts: str) -> Path:
+        """A folder under the data home, created on first use."""
+        path = self.home.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def find_config_file(explicit: str | Path | None = None) -> Path | None:
+    """The config file in force, or None. An explicit path that does not exist is an error."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    env = os.environ.get("HYDRABRAIN_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"HYDRABRAIN_CONFIG points at {path}, which does not exist")
+        return path
+    for candidate in (Path.cwd() / CONFIG_FILENAME, Path(platformdirs.user_config_dir(APP)) / CONFIG_FILENAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _coerce(raw: str, annotation: Any, env_name: str) -> Any:
+    """Turn an environment string into what the field's type expects (pydantic validates the rest)."""
+    origin = get_origin(annotation)
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if origin is list or (args and get_origin(args[0]) is list):
+        raw = raw.strip()
+        if raw.startswith("["):
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{env_name} is not a JSON list: {exc}") from None
+        return [part for part in (p.strip() for p in raw.split(",")) if part]
+    if raw.strip().lower() in {"", "none", "null"} and type(None) in get_args(annotation):
+        return None
+    return raw
+
+
+def _env_overrides(model: type[BaseModel], prefix: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested = _env_overrides(annotation, f"{prefix}{name.upper()}_")
+            if nested:
+                found[name] = nested
+            continue
+        names = [f"{prefix}{name.upper()}"]
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "env" in extra:
+            names.append(str(extra["env"]))
+        for env_name in names:
+            if env_name in os.environ:
+                found[name] = _coerce(os.environ[env_name], annotation, env_name)
+    return found
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Defaults, then the config file, then HYDRABRAIN_* variables, then keyword overrides."""
+    data: dict[str, Any] = {}
+    path = find_config_file(config_path)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    data = _merge(data, _env_overrides(Settings, "HYDRABRAIN_"))
+    data = _merge(data, overrides)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration{where}: {problems}") from None
+    settings.home = settings.home.expanduser().resolve()
+    return settings
+
+
+def settings_reference() -> list[tuple[str, str, str, str]]:
+    """(setting, variable, default, description) for every scalar setting, for docs and `hydrabrain config`."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(model: type[BaseModel], dotted: str, env_prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{dotted}{name}.", f"{env_prefix}{name.upper()}_")
+                continue
+            if field.default_factory is not None:
+                try:
+                    default = repr(field.default_factory())  # type: ignore[call-arg]
+                except TypeError:
+                    default = "[]"
+            else:
+                default = repr(field.default)
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            env = str(extra.get("env", f"{env_prefix}{name.upper()}"))
+            rows.append((f"{dotted}{name}", env, default, field.description or ""))
+
+    walk(Settings, "", "HYDRABRAIN_")
+    return rows
