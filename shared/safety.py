@@ -1,0 +1,194 @@
+"""Guards for untrusted input: file paths, URLs, fetched bytes, and text that tries to give orders.
+
+A server reachable over HTTP must not become a way to read its host's files or probe its network,
+so paths are confined to allowed roots (after resolving symlinks) and URLs to public addresses
+(checked for every redirect hop, after DNS resolution). Source text is data: instructions inside it
+are never followed, and the ones that look like prompt injection are flagged for the reader.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import httpx
+
+
+class UnsafeInput(ValueError):
+    """Input refused by a guard; the message says why and which setting would allow it."""
+
+
+# --- paths ------------------------------------------------------------------------------------
+
+
+def confine_path(path: str | Path, allowed_roots: Sequence[Path], setting: str = "allowed_roots") -> Path:
+    """The resolved path if it lies inside one of `allowed_roots` (symlinks resolved), else UnsafeInput."""
+    candidate = Path(path).expanduser()
+    try:
+        resolved = candidate.resolve(strict=True)
+    except FileNotFoundError:
+        raise UnsafeInput(f"{path} does not exist") from None
+    roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        shown = ", ".join(str(r) for r in roots) or "(none)"
+        raise UnsafeInput(f"{path} is outside the allowed folders ({shown}); add its folder to {setting} to allow it")
+    return resolved
+
+
+# --- bytes ------------------------------------------------------------------------------------
+
+
+def decode_text(data: bytes, name: str = "source") -> str:
+    """UTF-8 text, or UnsafeInput naming the problem (binary content, another encoding)."""
+    if b"\x00" in data[:8192]:
+        raise UnsafeInput(f"{name} looks binary (it contains NUL bytes); only UTF-8 text can be ingested")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnsafeInput(f"{name} is not valid UTF-8 (byte {exc.start}); convert it to UTF-8 first") from None
+    return text.removeprefix("\ufeff")
+
+
+# --- URLs -------------------------------------------------------------------------------------
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved)
+
+
+def check_url(url: str, allow_private: bool = False, setting: str = "allow_private_urls") -> str:
+    """The URL if it is http(s) to a public address (or any address when allowed), else UnsafeInput."""
+    parsed = urlparse(url)
+    if parsed.scheme not in {"http", "https"} or not parsed.hostname:
+        raise UnsafeInput(f"{url!r} is not an http(s) URL")
+    if allow_private:
+        return url
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+    except socket.gaierror as exc:
+        raise UnsafeInput(f"cannot resolve {parsed.hostname}: {exc.strerror}") from None
+    for info in infos:
+        address = str(info[4][0])
+        if not _is_public(address):
+            raise UnsafeInput(
+                f"{url} resolves to {address}, a loopback or private address; set {setting} = true to allow it"
+            )
+    return url
+
+
+@dataclass(frozen=True)
+class Fetched:
+    url: str
+    content_type: str
+    text: str
+
+
+def fetch_url(url: str, *, timeout: float, max_bytes: int, allow_private: bool = False, setting: str = "allow_private_urls") -> Fetched:
+    """GET a URL as text, checking every redirect hop and stopping at `max_bytes`.
+
+    Raises UnsafeInput for refused addresses, oversize or binary bodies, and ConnectionError with a
+    readable message when the host cannot be reached or answers with an error status.
+    """
+    current = check_url(url, allow_private, setting)
+    with httpx.Client(timeout=timeout, follow_redirects=False, headers={"User-Agent": "hydrabrain/0.1"}) as client:
+        for _ in range(6):
+            try:
+                with client.stream("GET", current) as response:
+                    if response.is_redirect:
+                        location = response.headers.get("location", "")
+                        current = check_url(urljoin(current, location), allow_private, setting)
+                        continue
+                    if response.status_code >= 400:
+                        raise ConnectionError(f"{current} answered HTTP {response.status_code}")
+                    declared = int(response.headers.get("content-length") or 0)
+                    if declared > max_bytes:
+                        raise UnsafeInput(f"{current} is {declared} bytes, over the {max_bytes}-byte limit")
+                    body = bytearray()
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise UnsafeInput(f"{current} is over the {max_bytes}-byte limit")
+                    content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            except httpx.TimeoutException:
+                raise ConnectionError(f"{current} did not answer within {timeout:g} s") from None
+            except httpx.HTTPError as exc:
+                raise ConnectionError(f"cannot fetch {current}: {exc}") from None
+            text = decode_text(bytes(body), current)
+            if content_type in {"text/html", "application/xhtml+xml"} or text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
+                text = html_to_text(text)
+            return Fetched(current, content_type, text)
+    raise ConnectionError(f"{url} redirected too many times")
+
+
+class _TextExtractor(HTMLParser):
+    _SKIP = {"script", "style", "noscript", "template", "svg", "head"}
+    _BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "article", "pre", "blockquote"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+        self.title: str | None = None
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "title":
+            self._in_title = True
+        if tag in self._SKIP:
+            self.skipping += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "title":
+            self._in_title = False
+        if tag in self._SKIP and self.skipping:
+            self.skipping -= 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title and self.title is None:
+            self.title = data.strip() or None
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """Readable text of an HTML page: scripts, styles and markup dropped, paragraphs kept."""
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    text = "".join(parser.parts)
+    lines = [re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in text.split("\n")]
+    body = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    if parser.title and not body.startswith(parser.title):
+        body = f"{parser.title}\n\n{body}"
+    return body
+
+
+# --- prompt injection -------------------------------------------------------------------------
+
+_INJECTION_PATTERNS = [
+    (re.compile(r"\b(ignore|disregard|forget)\b[^.\n]{0,40}\b(previous|prior|above|earlier|all|any)\b[^.\n]{0,30}\b(instructions?|prompts?|rules|directions)\b", re.I), "asks to ignore earlier instructions"),
+    (re.compile(r"\byou are now\b|\bact as (an?|the) (unrestricted|jailbroken|different)\b|\bpretend (to be|you are)\b", re.I), "tries to change the reader's role"),
+    (re.compile(r"\b(system prompt|developer message|hidden instructions?)\b", re.I), "refers to the reader's system prompt"),
+    (re.compile(r"<\|?(im_start|im_end|system|endoftext)\|?>|\[/?INST\]|^\s*(system|assistant)\s*:", re.I | re.M), "contains chat-template control text"),
+    (re.compile(r"\b(reveal|print|output|exfiltrate|send)\b[^.\n]{0,40}\b(api[ _-]?keys?|secrets?|passwords?|credentials|tokens?|environment variables)\b", re.I), "asks for secrets"),
+    (re.compile(r"\b(run|execute)\b[^.\n]{0,30}\b(command|shell|script|curl|rm -rf)\b", re.I), "asks the reader to run commands"),
+    (re.compile(r"\bdo not (tell|inform|mention)\b[^.\n]{0,30}\b(user|anyone)\b", re.I), "asks to hide something from the user"),
+]
+
+
+def injection_flags(text: str) -> list[str]:
+    """Why `text` looks like it is giving orders to a model reading it (empty when it does not)."""
+    return [reason for pattern, reason in _INJECTION_PATTERNS if pattern.search(text)]
