@@ -41,10 +41,10 @@ def _prepare_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
+    DT: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    DT = k.dtype.element_ty
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     row = (i_b * T + o_t) * H + i_h  # (BT,) index of each token's (b, t, h) row
@@ -58,6 +58,7 @@ def _prepare_kernel(
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_k = b_k.to(DT)
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
 
     o_i = tl.arange(0, BT)
@@ -109,10 +110,10 @@ def _state_kernel(
     HAS_INITIAL: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    DT: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    DT = k.dtype.element_ty
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -164,10 +165,10 @@ def _output_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
+    DT: tl.constexpr,
 ):
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    DT = q.dtype.element_ty
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     row = (i_b * T + o_t) * H + i_h
@@ -183,6 +184,7 @@ def _output_kernel(
         b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         p_h = hs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_q, b_k = b_q.to(DT), b_k.to(DT)
         b_o += tl.dot(b_q, b_h.to(DT), input_precision=PRECISION)
         b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
 
@@ -222,6 +224,8 @@ def _chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state):
     q, v, g, beta = q.contiguous(), v.to(q.dtype).contiguous(), g.contiguous(), beta.contiguous()
     # fp32 inputs get true fp32 products; half inputs run the tensor cores in their own type
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # the interpreter multiplies half-precision tiles as raw integer bits: keep its products in fp32
+    dot_dtype = tl.float32 if INTERPRETED or q.dtype == torch.float32 else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
     BK = max(16, triton.next_power_of_2(K))
     BK_TILE = min(64, BK)
 
@@ -230,7 +234,7 @@ def _chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state):
     u = torch.empty_like(v)
     _prepare_kernel[(NT, B * H)](
         k, v, g, beta, gamma, w, u, T, H=H, K=K, V=V, BT=BT, BK=BK_TILE, BV=min(64, max(16, triton.next_power_of_2(V))),
-        PRECISION=precision,
+        PRECISION=precision, DT=dot_dtype,
     )
 
     hs = q.new_empty(B, NT, H, K, V)
@@ -238,7 +242,7 @@ def _chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state):
     ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     state_args = (k, w, u, gamma, h0, hs, v_new, ht, T, NT)
-    state_meta = dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_INITIAL=h0 is not None, STORE_FINAL=output_final_state, PRECISION=precision)
+    state_meta = dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_INITIAL=h0 is not None, STORE_FINAL=output_final_state, PRECISION=precision, DT=dot_dtype)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
     if INTERPRETED:
         _state_kernel[grid](*state_args, **state_meta, BV=min(32, max(16, triton.next_power_of_2(V))))
@@ -247,7 +251,7 @@ def _chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state):
 
     o = torch.empty_like(v)
     out_args = (q, k, v_new, gamma, hs, o, scale, T, NT)
-    out_meta = dict(H=H, K=K, V=V, BT=BT, BK=BK_TILE, PRECISION=precision)
+    out_meta = dict(H=H, K=K, V=V, BT=BT, BK=BK_TILE, PRECISION=precision, DT=dot_dtype)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), NT, B * H)  # noqa: E731
     if INTERPRETED:
         _output_kernel[grid](*out_args, **out_meta, BV=min(64, max(16, triton.next_power_of_2(V))))
