@@ -72,3 +72,10 @@ def test_every_setting_is_documented_with_its_variable() -> None:
     assert {"home", "wiki.max_source_bytes", "crag.web_search_url", "graph.url"} <= names
     assert all(description for _, _, _, description in rows)
     assert ("crag.web_search_url", "HYDRABRAIN_WEB_SEARCH_URL") in {(r[0], r[1]) for r in rows}
+
+
+def test_the_shipped_example_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "hydrabrain.toml.example"
+    settings = load_settings(example)
+    assert settings.router.quality == "balanced"
+    assert Path("~/notes").expanduser() in [p.expanduser() for p in settings.wiki.allowed_roots]
