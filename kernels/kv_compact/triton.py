@@ -46,7 +46,11 @@ def _kv_compact_kernel(k_cache, v_cache, src_slots, dst_slots, n, ROW: tl.conste
 
 
 def kv_compact(k_cache, v_cache, src_slots, dst_slots):
-    """Move each kept token from src slot to dst slot in place (dst <= src, both ascending)."""
+    """Move each kept token from src slot to dst slot in place (dst <= src, both ascending). Returns nothing.
+
+    Unlike the reference, an arbitrary permutation is not supported: the order argument above is
+    what makes one pass in place safe.
+    """
     if not k_cache.is_cuda and not INTERPRETED:
         raise RuntimeError("Triton kernels need CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing hydrabrain.kernels")
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
@@ -57,11 +61,10 @@ def kv_compact(k_cache, v_cache, src_slots, dst_slots):
         raise ValueError(f"src_slots and dst_slots must be 1-D and the same length; got {tuple(src_slots.shape)}, {tuple(dst_slots.shape)}")
     n = src_slots.numel()
     if n == 0:
-        return k_cache, v_cache
+        return
     row = k_cache.shape[2] * k_cache.shape[3]
     src = src_slots.to(device=k_cache.device, dtype=torch.int64).contiguous()
     dst = dst_slots.to(device=k_cache.device, dtype=torch.int64).contiguous()
     bc = min(64 if INTERPRETED else 128, triton.next_power_of_2(row))
     bn = 32 if INTERPRETED else 64
     _kv_compact_kernel[(triton.cdiv(row, bc), 2)](k_cache, v_cache, src, dst, n, ROW=row, BN=bn, BC=bc, num_warps=4)
-    return k_cache, v_cache
