@@ -81,6 +81,11 @@ class CragConfig(Section):
     web_search_api_key_env: str = Field("HYDRABRAIN_WEB_SEARCH_KEY", description="Variable holding the web-search API key (commercial providers)")
     web_timeout_s: float = Field(10.0, gt=0, description="Timeout for each web-search or page fetch")
     allow_private_urls: bool = Field(False, description="Allow fetching web results that resolve to loopback or private addresses")
+    web_results: int = Field(5, ge=1, le=20, description="Web-search results read per question")
+    fetch_pages: bool = Field(True, description="Fetch each web result's page and clean it to text; false uses the search snippets only")
+    max_page_bytes: int = Field(2_000_000, ge=1, description="Largest web page fetched")
+    strip_sentences: int = Field(2, ge=1, le=10, description="Sentences per strip when a document is decomposed")
+    thresholds_file: Path | None = Field(None, description="Calibrated evaluator file; unset uses the one shipped in the package")
 
 
 class ModelPrice(Section):
@@ -128,6 +133,10 @@ class RouterConfig(Section):
     exact_cache: bool = Field(True, description="Cache identical prompts")
     semantic_cache: bool = Field(False, description="Cache by embedding similarity (per tenant)")
     semantic_cache_threshold: float = Field(0.95, gt=0, le=1, description="Similarity needed for a semantic cache hit")
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay when the provider sends no Retry-After; doubles per retry")
+    max_retry_wait_s: float = Field(20.0, ge=0, description="Longest Retry-After honoured in place; a longer one cools the model down and falls back")
+    json_repairs: int = Field(1, ge=0, description="Re-asks with the validation error before falling back when an answer breaks its JSON schema")
+    backend: bool = Field(False, description="Route to the suite's own inference backend (backend.host:backend.port) as one more provider")
 
 
 class LoopConfig(Section):
@@ -143,6 +152,11 @@ class LoopConfig(Section):
     implementer_max_output_bytes: int = Field(1_000_000, ge=1, description="Output budget for the implementer")
     max_findings_per_cycle: int = Field(10, ge=1, description="Loop budget: findings handled per cycle")
     cycle_timeout_s: float = Field(3600.0, gt=0, description="Time budget for one cycle")
+    max_commands_per_cycle: int = Field(100, ge=1, description="Tool budget: commands (tests, implementer) one cycle may start")
+    junit_paths: list[str] = Field(default_factory=list, description="JUnit XML reports (globs inside the repo) read as CI results instead of running the test command")
+    commit_scan_depth: int = Field(20, ge=0, description="Recent commits scanned for new TODO/FIXME lines and untested changes")
+    max_changed_files: int = Field(25, ge=1, description="Scope check: most files one finding's change may touch")
+    reviewer: bool = Field(True, description="Ask the configured LLM for a skeptical review during verify (needs a provider)")
 
 
 class BackendConfig(Section):

@@ -1,0 +1,147 @@
+"""The loop server's MCP surface: thin tools over `core.Loop`, state from a typed lifespan.
+
+Work that runs git or the repo's tests happens in a worker thread, so one long cycle never stalls
+the server's other requests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
+from pydantic import BaseModel, Field
+
+from hydrabrain.shared.config import Settings
+from hydrabrain.shared.serving import new_server
+
+from .core import CycleReport, DiscoverResult, Handoff, Loop, StatusResult, UnknownFinding, VerifyResult
+from .schedule import Scheduler
+from .store import Finding, Schedule
+
+INSTRUCTIONS = """Runs the improvement loop over a git repository the user names.
+discover(repo) lists work worth doing (failing tests, open issues, TODO/FIXME lines and untested changes from recent
+commits), each with a stable finding_id. handoff(finding_id) gives that finding its own git worktree and branch with a
+task file; make the change there, not in the main checkout. verify(finding_id) is an independent check that assumes the
+change is broken: it runs the repo's tests in the worktree, checks the diff stays in scope, and asks a skeptical
+reviewer when an LLM provider is configured. PASS commits the change on the finding's branch and removes the worktree;
+FAIL keeps the worktree for another try. run_once(repo) does a whole cycle; schedule(repo, ...) repeats cycles."""
+
+RepoArg = Annotated[str, Field(description="Path of the git repository (its top folder or any folder inside it)")]
+FindingArg = Annotated[str, Field(description="A finding_id returned by discover or status, like 'f-1a2b3c4d5e6f'")]
+
+
+@dataclass
+class LoopState:
+    loop: Loop
+    scheduler: Scheduler
+
+
+class ScheduleResult(BaseModel):
+    repo: str
+    active: bool = Field(description="False when the schedule was removed")
+    schedule: Schedule | None = None
+    next_in_s: float | None = Field(None, description="Seconds until the next cycle")
+
+
+class FindingDetail(BaseModel):
+    finding: Finding
+    verdicts: list[dict[str, Any]]
+
+
+def _state(ctx: Context) -> LoopState:
+    return ctx.request_context.lifespan_context
+
+
+def build_server(settings: Settings) -> MCPServer[Any]:
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer[Any]) -> AsyncIterator[LoopState]:
+        loop = Loop(settings)
+        async with anyio.create_task_group() as tg:
+            scheduler = Scheduler(loop, tg)
+            scheduler.start()
+            try:
+                yield LoopState(loop, scheduler)
+            finally:
+                scheduler.shutdown()
+                tg.cancel_scope.cancel()
+
+    server = new_server("loop", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings)
+
+    @server.tool()
+    async def discover(repo: RepoArg, ctx: Context) -> DiscoverResult:
+        """Find work in a repo (failing tests, issues, TODO/FIXME and untested changes in recent commits), ranked, deduplicated across runs."""
+        return await anyio.to_thread.run_sync(_state(ctx).loop.discover, repo)
+
+    @server.tool()
+    async def handoff(finding_id: FindingArg, ctx: Context) -> Handoff:
+        """Give a finding its own git worktree and branch with a task file; returns where to work. Idempotent."""
+        return await anyio.to_thread.run_sync(_state(ctx).loop.handoff, finding_id)
+
+    @server.tool()
+    async def verify(finding_id: FindingArg, ctx: Context) -> VerifyResult:
+        """Independently check the change in a finding's worktree (tests, scope, skeptical review): PASS or FAIL with reasons."""
+        return await anyio.to_thread.run_sync(_state(ctx).loop.verify, finding_id)
+
+    @server.tool()
+    async def close(
+        finding_id: FindingArg,
+        ctx: Context,
+        reason: Annotated[str, Field(description="Why the finding is closed without a verified fix (e.g. 'won't fix', 'duplicate')")] = "",
+    ) -> Finding:
+        """Close a finding without a fix and remove its worktree; its branch stays."""
+        return await anyio.to_thread.run_sync(_state(ctx).loop.close, finding_id, reason)
+
+    @server.tool()
+    async def run_once(repo: RepoArg, ctx: Context) -> CycleReport:
+        """Run one full cycle on a repo now: discover, hand off, implement (if configured), verify; resumes an interrupted cycle."""
+        return await anyio.to_thread.run_sync(_state(ctx).loop.run_once, repo)
+
+    @server.tool()
+    async def schedule(
+        repo: RepoArg,
+        ctx: Context,
+        every_seconds: Annotated[float | None, Field(description="Run a cycle every this many seconds (at least 1)")] = None,
+        cron: Annotated[str | None, Field(description="Or a five-field cron expression, e.g. '0 * * * *' for hourly (UTC)")] = None,
+    ) -> ScheduleResult:
+        """Run cycles on a repo inside the server, every N seconds or on a cron expression; give neither to stop."""
+        from .schedule import next_delay
+
+        state = _state(ctx)
+        made = await anyio.to_thread.run_sync(state.scheduler.set, repo, every_seconds, cron)
+        if made is None:
+            return ScheduleResult(repo=repo, active=False)
+        return ScheduleResult(repo=made.repo, active=True, schedule=made, next_in_s=round(next_delay(made), 3))
+
+    @server.tool()
+    async def status(
+        ctx: Context,
+        repo: Annotated[str | None, Field(description="Limit to this repository; omit for every repo the loop knows")] = None,
+    ) -> StatusResult:
+        """Findings by status, the best open ones, recent cycles and schedules."""
+        return await anyio.to_thread.run_sync(_state(ctx).loop.status, repo)
+
+    @server.resource("loop://findings/{finding_id}", mime_type="application/json")
+    def finding_resource(finding_id: str, ctx: Context) -> str:
+        """A finding with its full detail and every verdict given on it."""
+        loop = _state(ctx).loop
+        found = loop.store.finding(finding_id)
+        if found is None:
+            raise UnknownFinding(f"no finding {finding_id!r}; discover(repo) lists them")
+        verdicts = [v.model_dump() for v in loop.store.verdicts(finding_id)]
+        return FindingDetail(finding=found, verdicts=verdicts).model_dump_json(indent=2)
+
+    @server.resource("loop://runs/{run_id}", mime_type="application/json")
+    def run_resource(run_id: str, ctx: Context) -> str:
+        """One cycle: its plan, every step with its outcome, and its summary."""
+        run = _state(ctx).loop.store.run(run_id)
+        if run is None:
+            raise ValueError(f"no run {run_id!r}; status() lists recent runs")
+        return json.dumps(run.model_dump(), indent=2)
+
+    return server
