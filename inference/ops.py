@@ -73,7 +73,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
 
 
 def kv_compact(k_cache, v_cache, src_slots, dst_slots):
-    """Move each kept token from src slot to dst slot in place (dst <= src, both ascending)."""
+    """Move each kept token from src slot to dst slot in place.
+
+    The lists run in token order within each sequence and every survivor moves to an earlier (or
+    the same) token position of its own sequence: the slide compaction makes. The Triton kernel
+    relies on that order to work in one pass; the reference also takes any permutation.
+    """
     if backend_for(k_cache) == "triton":
         from hydrabrain.kernels.kv_compact.triton import kv_compact as impl
     else:

@@ -1,7 +1,9 @@
 """KV compaction in Triton: move each kept token from its src slot to its dst slot, in place.
 
-Why it is safe in place: slots are ascending and dst_i <= src_i, so a write to dst_i can only land
-on the src of a token that comes earlier in the list, never a later one. Each program therefore
+Why it is safe in place: the list runs in token order within each sequence and every survivor
+moves to an earlier (or the same) token position of its own sequence, whose blocks no other
+sequence shares. So a write to dst_i can only land on the src of a token that comes earlier in the
+list, never a later one, wherever the blocks sit physically. Each program therefore
 walks the token list in order, one tile at a time, reads the whole tile, waits at a barrier, then
 writes it. Programs split the row (KV heads x head dim) into column slices and take the K and the V
 cache separately: slices are disjoint memory, so they never race with each other. Tokens that do
@@ -46,10 +48,10 @@ def _kv_compact_kernel(k_cache, v_cache, src_slots, dst_slots, n, ROW: tl.conste
 
 
 def kv_compact(k_cache, v_cache, src_slots, dst_slots):
-    """Move each kept token from src slot to dst slot in place (dst <= src, both ascending). Returns nothing.
+    """Move each kept token from src slot to dst slot in place; survivors slide forward in token order. Returns nothing.
 
-    Unlike the reference, an arbitrary permutation is not supported: the order argument above is
-    what makes one pass in place safe.
+    Unlike the reference, an arbitrary permutation is not supported: the token-order argument above
+    is what makes one pass in place safe.
     """
     if not k_cache.is_cuda and not INTERPRETED:
         raise RuntimeError("Triton kernels need CUDA tensors; on CPU set TRITON_INTERPRET=1 before importing hydrabrain.kernels")
