@@ -1,0 +1,319 @@
+"""The engine: continuous batching over the paged cache, chunked prefill, sampling, compaction.
+
+Each ``step()`` admits waiting requests while the pool can hold their worst case, runs one prefill
+chunk, decodes every running sequence in one batch, compacts sequences that are over their KV
+budget, and returns what each request produced. Requests join and leave between steps; a
+cancelled or finished request gives its blocks back at once. The engine is single-threaded; the
+HTTP layer drives it from one worker thread (``cancel`` is safe to call from any thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from hydrabrain.inference.kv_cache import BLOCK_SIZE
+from hydrabrain.inference.scoring import QueryStats, plan_compaction
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class RequestRejected(ValueError):
+    """The request can never run as asked (too long, too large for the pool, bad parameters)."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128  # completion tokens at most
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass kept
+    seed: int | None = None  # same seed, same prompt, same params: same tokens
+    stop: list[str] = field(default_factory=list)  # text that ends the completion (not included)
+    kv_budget: int | None = None  # tokens of K/V the sequence may keep; None keeps them all
+    ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class RequestStats:
+    compactions: int = 0
+    blocks_freed: int = 0
+    peak_blocks: int = 0
+    compaction_s: float = 0.0
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    need_blocks: int  # worst case blocks held at once
+    output: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens already through the model
+    next_position: int = 0  # logical position of the next token fed (never shrinks)
+    since_compaction: int = 0
+    text: str = ""
+    emitted: int = 0  # characters of text already returned
+    finish_reason: FinishReason | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+
+
+class Engine:
+    """Continuous batching over one model runner (``PagedLlama`` or anything with its interface)."""
+
+    def __init__(
+        self,
+        runner,
+        tokenizer=None,
+        *,
+        num_blocks: int = 1024,
+        max_batch: int = 8,
+        prefill_chunk: int = 256,
+        compaction_interval: int = 128,
+        sinks: int = 4,
+        recent: int = 128,
+        stats: QueryStats | None = None,
+        max_context: int | None = None,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.cache = runner.new_cache(num_blocks)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.compaction_interval = compaction_interval
+        self.sinks = sinks
+        self.recent = recent
+        self.stats = stats
+        self.max_context = max_context or runner.max_position
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = [eos] if eos is not None else []
+        self.eos = set(eos_token_ids)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self._ids = itertools.count()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self.decode_s = 0.0
+        self.decode_tokens = 0
+        self.compaction_s = 0.0
+        self.blocks_freed = 0
+        self.finished_stats: dict[str, RequestStats] = {}
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty; send at least one token of text")
+        if params.max_tokens < 1:
+            raise RequestRejected("max_tokens must be at least 1")
+        if params.temperature < 0 or not 0 < params.top_p <= 1:
+            raise RequestRejected("temperature must be >= 0 and top_p in (0, 1]")
+        if len(prompt_ids) + params.max_tokens > self.max_context:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_context} tokens; the prompt has "
+                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more: shorten the prompt or lower max_tokens",
+                code="context_length_exceeded",
+            )
+        budget = params.kv_budget
+        if budget is not None and self.stats is None:
+            raise RequestRejected("this engine was started without query statistics, so it cannot honour a KV budget")
+        if budget is not None and budget < self.sinks + self.recent:
+            raise RequestRejected(f"kv_budget must be at least {self.sinks + self.recent} tokens (sinks plus the recent window)")
+        worst = len(prompt_ids) + params.max_tokens
+        if budget is not None:
+            worst = min(worst, budget + self.compaction_interval + self.prefill_chunk)
+        need = math.ceil(worst / BLOCK_SIZE)
+        if need > self.cache.pool.num_blocks:
+            raise RequestRejected(
+                f"the request may need {need} KV blocks but the pool has {self.cache.pool.num_blocks}: lower max_tokens, shorten the prompt or set a kv budget"
+            )
+        rid = request_id or f"req-{next(self._ids)}"
+        gen = torch.Generator()
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        self.waiting.append(_Request(rid, list(prompt_ids), params, gen, need))
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its blocks go back to the pool at the start of the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._cancelled)
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        outputs += self._apply_cancellations()
+        self._admit()
+        produced: dict[str, int] = {}
+
+        prefilling = [r for r in self.running if r.prefilled < len(r.prompt)]
+        if prefilling:
+            r = prefilling[0]
+            chunk = r.prompt[r.prefilled : r.prefilled + self.prefill_chunk]
+            logits = self.runner.prefill(self.cache, r.id, torch.tensor(chunk), r.prefilled)
+            r.prefilled += len(chunk)
+            r.next_position = r.prefilled
+            r.since_compaction += len(chunk)
+            self._maybe_compact(r, prefill_done=r.prefilled == len(r.prompt))
+            if r.prefilled == len(r.prompt):
+                produced[r.id] = self._sample(r, logits)
+
+        decoding = [r for r in self.running if r.prefilled == len(r.prompt) and r.output and r.id not in produced]
+        if decoding:
+            started = time.perf_counter()
+            tokens = torch.tensor([r.output[-1] for r in decoding])
+            positions = torch.tensor([r.next_position for r in decoding])
+            logits = self.runner.decode(self.cache, [r.id for r in decoding], tokens, positions)
+            self.decode_s += time.perf_counter() - started
+            self.decode_tokens += len(decoding)
+            for row, r in enumerate(decoding):
+                r.next_position += 1
+                r.since_compaction += 1
+                produced[r.id] = self._sample(r, logits[row])
+                self._maybe_compact(r, prefill_done=False)
+
+        for r in list(self.running):
+            r.stats.peak_blocks = max(r.stats.peak_blocks, self.cache.blocks_held(r.id))
+            if r.id in produced:
+                outputs.append(self._emit(r, produced[r.id]))
+        return outputs
+
+    def _apply_cancellations(self) -> list[RequestOutput]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        outputs = []
+        for r in [r for r in self.waiting if r.id in cancelled]:
+            self.waiting.remove(r)
+            outputs.append(RequestOutput(r.id, [], "", True, "cancelled", len(r.prompt), 0))
+        for r in [r for r in self.running if r.id in cancelled]:
+            r.finish_reason = "cancelled"
+            self._finish(r)
+            outputs.append(RequestOutput(r.id, [], "", True, "cancelled", len(r.prompt), len(r.output)))
+        return outputs
+
+    def _outstanding_blocks(self) -> int:
+        return sum(max(0, r.need_blocks - self.cache.blocks_held(r.id)) for r in self.running)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            r = self.waiting[0]
+            if self.cache.pool.num_free - self._outstanding_blocks() < r.need_blocks:
+                return  # it waits for blocks; FIFO so a large request is not starved
+            self.waiting.popleft()
+            self.cache.add(r.id)
+            self.running.append(r)
+
+    def _maybe_compact(self, r: _Request, prefill_done: bool) -> None:
+        budget = r.params.kv_budget
+        length = self.cache.length(r.id)
+        if budget is None or self.stats is None or length <= budget:
+            return
+        if not (prefill_done or r.since_compaction >= self.compaction_interval or length >= budget + self.compaction_interval):
+            return
+        started = time.perf_counter()
+        keep = plan_compaction(self.cache, r.id, self.stats, r.next_position, budget, self.sinks, self.recent)
+        freed = self.cache.compact(r.id, keep)
+        took = time.perf_counter() - started
+        r.since_compaction = 0
+        r.stats.compactions += 1
+        r.stats.blocks_freed += freed
+        r.stats.compaction_s += took
+        self.compaction_s += took
+        self.blocks_freed += freed
+
+    # --- sampling and output ------------------------------------------------------------------------
+
+    def _sample(self, r: _Request, logits: torch.Tensor) -> int:
+        p = r.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits).item())
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=r.generator).item())
+
+    def _emit(self, r: _Request, token: int) -> RequestOutput:
+        p = r.params
+        new_ids = [token]
+        finished = False
+        if token in self.eos and not p.ignore_eos:
+            new_ids, finished, r.finish_reason = [], True, "stop"
+        else:
+            r.output.append(token)
+        if self.tokenizer is not None and new_ids:
+            r.text = self.tokenizer.decode(r.output, skip_special_tokens=True)
+        if p.stop and not finished:
+            window_start = max(0, r.emitted - max(len(s) for s in p.stop))
+            hits = [i for i in (r.text.find(s, window_start) for s in p.stop) if i >= 0]
+            if hits:
+                r.text = r.text[: min(hits)]
+                finished, r.finish_reason = True, "stop"
+        if not finished and len(r.output) >= p.max_tokens:
+            finished, r.finish_reason = True, "length"
+        # Hold back text that may still grow into a stop string or is a split multi-byte character.
+        safe = len(r.text)
+        if not finished:
+            if r.text.endswith("\ufffd"):
+                safe = len(r.text.rstrip("\ufffd"))
+            for s in p.stop:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if r.text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        safe = max(safe, r.emitted)
+        new_text = r.text[r.emitted : safe]
+        r.emitted = safe
+        if finished:
+            self._finish(r)
+        return RequestOutput(r.id, new_ids, new_text, finished, r.finish_reason, len(r.prompt), len(r.output))
+
+    def _finish(self, r: _Request) -> None:
+        self.running.remove(r)
+        self.cache.release(r.id)
+        self.finished_stats[r.id] = r.stats
+
+    # --- convenience ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion together; returns each one's generated token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        out: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work:
+            for o in self.step():
+                if o.request_id in out:
+                    out[o.request_id].extend(o.new_token_ids)
+        return [out[i] for i in ids]

@@ -1,0 +1,257 @@
+"""The paged KV cache: a pool of 16-token blocks, per-sequence block tables, and compaction.
+
+Only full-attention heads keep K/V here; Gated DeltaNet heads carry a fixed-size state elsewhere.
+Keys are stored after RoPE at their logical position, so a key keeps its meaning wherever it moves:
+compaction can slide survivors forward while the next token still gets the next logical position.
+
+Evicting a token frees memory only when every token of its block goes. Compaction therefore moves
+the survivors of a sequence forward, in token order, into the sequence's own leading blocks, so
+the tail blocks empty completely and return to the pool. What is reported is blocks freed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hydrabrain.inference import ops
+
+BLOCK_SIZE = 16
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than asked for."""
+
+
+class BlockPool:
+    """Fixed pool of block ids with reference counts and an O(1) free queue (vLLM's discipline).
+
+    Invariants (checked by ``assert_invariants``):
+    - a block is in the free queue exactly when its reference count is 0, and at most once;
+    - free blocks + used blocks == total blocks;
+    - reference counts are never negative.
+    Blocks freed last are handed out last (FIFO), which spreads reuse over the pool.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.ref_cnt = [0] * num_blocks  # preallocated metadata, one entry per block
+        self._free: deque[int] = deque(range(num_blocks))
+        self._is_free = [True] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks (reference count 1 each) or raise OutOfBlocks taking none."""
+        if n > len(self._free):
+            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} of {self.num_blocks} are free")
+        out = [self._free.popleft() for _ in range(n)]
+        for block in out:
+            self._is_free[block] = False
+            self.ref_cnt[block] = 1
+        return out
+
+    def share(self, blocks: Sequence[int]) -> None:
+        """Add a reference to blocks already in use (a forked sequence reading the same prefix)."""
+        for block in blocks:
+            if self._is_free[block]:
+                raise ValueError(f"block {block} is free; only used blocks can be shared")
+            self.ref_cnt[block] += 1
+
+    def free(self, blocks: Sequence[int]) -> int:
+        """Drop one reference from each block; returns how many went back to the pool."""
+        returned = 0
+        for block in blocks:
+            if self._is_free[block]:
+                raise ValueError(f"block {block} is already free")
+            self.ref_cnt[block] -= 1
+            if self.ref_cnt[block] == 0:
+                self._is_free[block] = True
+                self._free.append(block)
+                returned += 1
+        return returned
+
+    def assert_invariants(self) -> None:
+        free = list(self._free)
+        assert len(set(free)) == len(free), "a block is queued twice"
+        for block in range(self.num_blocks):
+            assert self.ref_cnt[block] >= 0, f"block {block} has a negative reference count"
+            assert (self.ref_cnt[block] == 0) == self._is_free[block], f"block {block}: ref_cnt and free flag disagree"
+        assert sum(self._is_free) == len(free), "free flags and free queue disagree"
+        assert self.num_free + self.num_used == self.num_blocks
+
+
+@dataclass(frozen=True)
+class Remap:
+    """Where compaction moves a sequence's kept tokens, and which blocks it gives back."""
+
+    src_slots: list[int]  # slots that move (kept tokens not already in place), ascending
+    dst_slots: list[int]  # their new slots, ascending, each <= its source
+    new_len: int  # physical length after compaction
+    kept_blocks: list[int]  # the block table after compaction
+    freed_blocks: list[int]  # blocks that hold no kept token any more
+
+    def old_to_new(self) -> dict[int, int]:
+        return dict(zip(self.src_slots, self.dst_slots, strict=True))
+
+
+def compaction_remap(block_table: Sequence[int], seq_len: int, keep: Sequence[int], block_size: int = BLOCK_SIZE) -> Remap:
+    """The old→new slot remap that keeps the tokens at physical indices ``keep`` (pure function).
+
+    ``keep`` must be strictly ascending indices below ``seq_len``. The i-th kept token moves to
+    physical index i of the same sequence, so order is kept and every block past the survivors empties.
+    """
+    keep = list(keep)
+    if any(b <= a for a, b in zip(keep, keep[1:], strict=False)):
+        raise ValueError("tokens to keep must be strictly ascending")
+    if keep and (keep[0] < 0 or keep[-1] >= seq_len):
+        raise ValueError(f"tokens to keep must lie in [0, {seq_len})")
+    if len(block_table) < math.ceil(seq_len / block_size):
+        raise ValueError(f"a block table of {len(block_table)} blocks cannot hold {seq_len} tokens")
+
+    def slot(i: int) -> int:
+        return block_table[i // block_size] * block_size + i % block_size
+
+    src, dst = [], []
+    for new, old in enumerate(keep):
+        if new != old:
+            src.append(slot(old))
+            dst.append(slot(new))
+    used = math.ceil(seq_len / block_size)
+    kept = math.ceil(len(keep) / block_size)
+    return Remap(src, dst, len(keep), list(block_table[:kept]), list(block_table[kept:used]))
+
+
+def blocks_emptied_by_eviction(seq_len: int, keep: Sequence[int], block_size: int = BLOCK_SIZE) -> int:
+    """Blocks that would come back if the evicted tokens were only marked dead, never moved."""
+    occupied = {i // block_size for i in keep}
+    return math.ceil(seq_len / block_size) - len(occupied)
+
+
+@dataclass
+class SequenceBlocks:
+    """One sequence's view of the cache."""
+
+    blocks: list[int]  # physical blocks in token order
+    length: int = 0  # tokens cached (physical)
+
+
+class PagedKVCache:
+    """K/V tensors for every layer's full-attention KV heads over one shared block pool.
+
+    ``k[layer]`` and ``v[layer]`` are ``(num_blocks, BLOCK_SIZE, kv_heads[layer], head_dim)``. One
+    block table per sequence serves every layer: each layer may keep different tokens after
+    compaction, but always the same number of them.
+    """
+
+    def __init__(self, kv_heads: Sequence[int], head_dim: int, num_blocks: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        self.pool = BlockPool(num_blocks)
+        self.kv_heads = list(kv_heads)
+        self.head_dim = head_dim
+        shape = (num_blocks, BLOCK_SIZE)
+        self.k = [torch.zeros(*shape, h, head_dim, dtype=dtype, device=device) for h in self.kv_heads]
+        self.v = [torch.zeros(*shape, h, head_dim, dtype=dtype, device=device) for h in self.kv_heads]
+        self.seqs: dict[str, SequenceBlocks] = {}
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V bytes one block holds across all layers."""
+        elem = self.k[0].element_size() if self.k else 0
+        return 2 * BLOCK_SIZE * self.head_dim * elem * sum(self.kv_heads)
+
+    def add(self, seq_id: str) -> None:
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id!r} is already in the cache")
+        self.seqs[seq_id] = SequenceBlocks([])
+
+    def length(self, seq_id: str) -> int:
+        return self.seqs[seq_id].length
+
+    def blocks_held(self, seq_id: str) -> int:
+        return len(self.seqs[seq_id].blocks)
+
+    def append_slots(self, seq_id: str, n: int) -> torch.Tensor:
+        """Grow the sequence by ``n`` tokens, allocating blocks as needed; returns their slots (n,)."""
+        seq = self.seqs[seq_id]
+        need = math.ceil((seq.length + n) / BLOCK_SIZE) - len(seq.blocks)
+        if need > 0:
+            seq.blocks.extend(self.pool.allocate(need))
+        idx = torch.arange(seq.length, seq.length + n)
+        table = torch.tensor(seq.blocks, dtype=torch.long)
+        seq.length += n
+        return table[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys/values (N, Hkv, D) of one layer at ``slots`` (N,)."""
+        self.k[layer].view(-1, *self.k[layer].shape[2:])[slots] = k.to(self.k[layer].dtype)
+        self.v[layer].view(-1, *self.v[layer].shape[2:])[slots] = v.to(self.v[layer].dtype)
+
+    def tables(self, seq_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables (B, max_blocks) int32 (padded with 0) and seq_lens (B,) int32."""
+        width = max((len(self.seqs[s].blocks) for s in seq_ids), default=0) or 1
+        table = torch.zeros(len(seq_ids), width, dtype=torch.int32)
+        for row, s in enumerate(seq_ids):
+            blocks = self.seqs[s].blocks
+            if blocks:
+                table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        lens = torch.tensor([self.seqs[s].length for s in seq_ids], dtype=torch.int32)
+        return table, lens
+
+    def gather(self, layer: int, seq_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence's cached keys and values of one layer in token order, (L, Hkv, D) each."""
+        seq = self.seqs[seq_id]
+        idx = torch.arange(seq.length)
+        slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE if seq.length else idx
+        k = self.k[layer].view(-1, *self.k[layer].shape[2:])[slots]
+        v = self.v[layer].view(-1, *self.v[layer].shape[2:])[slots]
+        return k, v
+
+    def compact(self, seq_id: str, keep_per_layer: Sequence[Sequence[int]]) -> int:
+        """Keep, in every layer, the tokens at the given physical indices; returns blocks freed.
+
+        Each layer's list is strictly ascending and all have the same length.
+        """
+        seq = self.seqs[seq_id]
+        sizes = {len(keep) for keep in keep_per_layer}
+        if len(keep_per_layer) != len(self.k) or len(sizes) != 1:
+            raise ValueError("compaction needs one keep list per layer, all of the same length")
+        remap = None
+        for layer, keep in enumerate(keep_per_layer):
+            remap = compaction_remap(seq.blocks, seq.length, keep)
+            if remap.src_slots:
+                src = torch.tensor(remap.src_slots, dtype=torch.int32, device=self.k[layer].device)
+                dst = torch.tensor(remap.dst_slots, dtype=torch.int32, device=self.k[layer].device)
+                ops.kv_compact(self.k[layer], self.v[layer], src, dst)
+        assert remap is not None
+        seq.blocks = remap.kept_blocks
+        seq.length = remap.new_len
+        return self.pool.free(remap.freed_blocks)
+
+    def release(self, seq_id: str) -> int:
+        """Drop the sequence; returns how many blocks went back to the pool."""
+        seq = self.seqs.pop(seq_id, None)
+        return self.pool.free(seq.blocks) if seq else 0
+
+    def assert_invariants(self) -> None:
+        self.pool.assert_invariants()
+        held = [b for s in self.seqs.values() for b in s.blocks]
+        for s_id, s in self.seqs.items():
+            assert len(s.blocks) == math.ceil(s.length / BLOCK_SIZE), f"{s_id}: {len(s.blocks)} blocks for {s.length} tokens"
+        counts: dict[int, int] = {}
+        for b in held:
+            counts[b] = counts.get(b, 0) + 1
+        for b, n in counts.items():
+            assert self.pool.ref_cnt[b] >= n, f"block {b} is held {n} times with ref_cnt {self.pool.ref_cnt[b]}"
+        assert self.pool.num_used == len(counts), "a used block belongs to no sequence"
