@@ -7,22 +7,25 @@ the server's other requests.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from pydantic import BaseModel, Field
 
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.serving import new_server
 
-from .core import CycleReport, DiscoverResult, Handoff, Loop, StatusResult, UnknownFinding, VerifyResult
+from .core import CycleReport, DiscoverResult, Handoff, Loop, LoopError, StatusResult, VerifyResult
+from .process import CommandNotFound
 from .schedule import Scheduler
 from .store import Finding, Schedule
+from .worktrees import GitError
 
 INSTRUCTIONS = """Runs the improvement loop over a git repository the user names.
 discover(repo) lists work worth doing (failing tests, open issues, TODO/FIXME lines and untested changes from recent
@@ -32,6 +35,7 @@ change is broken: it runs the repo's tests in the worktree, checks the diff stay
 reviewer when an LLM provider is configured. PASS commits the change on the finding's branch and removes the worktree;
 FAIL keeps the worktree for another try. run_once(repo) does a whole cycle; schedule(repo, ...) repeats cycles."""
 
+T = TypeVar("T")
 RepoArg = Annotated[str, Field(description="Path of the git repository (its top folder or any folder inside it)")]
 FindingArg = Annotated[str, Field(description="A finding_id returned by discover or status, like 'f-1a2b3c4d5e6f'")]
 
@@ -58,6 +62,15 @@ def _state(ctx: Context) -> LoopState:
     return ctx.request_context.lifespan_context
 
 
+async def _off_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking loop work in a worker thread; anticipated failures reach the caller as readable errors."""
+    try:
+        return await anyio.to_thread.run_sync(fn, *args)
+    except (LoopError, GitError, CommandNotFound) as exc:
+        # The SDK hides a plain exception's text from the model; these messages are written for it.
+        raise ToolError(str(exc)) from exc
+
+
 def build_server(settings: Settings) -> MCPServer[Any]:
     @asynccontextmanager
     async def lifespan(_server: MCPServer[Any]) -> AsyncIterator[LoopState]:
@@ -76,17 +89,17 @@ def build_server(settings: Settings) -> MCPServer[Any]:
     @server.tool()
     async def discover(repo: RepoArg, ctx: Context) -> DiscoverResult:
         """Find work in a repo (failing tests, issues, TODO/FIXME and untested changes in recent commits), ranked, deduplicated across runs."""
-        return await anyio.to_thread.run_sync(_state(ctx).loop.discover, repo)
+        return await _off_thread(_state(ctx).loop.discover, repo)
 
     @server.tool()
     async def handoff(finding_id: FindingArg, ctx: Context) -> Handoff:
         """Give a finding its own git worktree and branch with a task file; returns where to work. Idempotent."""
-        return await anyio.to_thread.run_sync(_state(ctx).loop.handoff, finding_id)
+        return await _off_thread(_state(ctx).loop.handoff, finding_id)
 
     @server.tool()
     async def verify(finding_id: FindingArg, ctx: Context) -> VerifyResult:
         """Independently check the change in a finding's worktree (tests, scope, skeptical review): PASS or FAIL with reasons."""
-        return await anyio.to_thread.run_sync(_state(ctx).loop.verify, finding_id)
+        return await _off_thread(_state(ctx).loop.verify, finding_id)
 
     @server.tool()
     async def close(
@@ -95,12 +108,12 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         reason: Annotated[str, Field(description="Why the finding is closed without a verified fix (e.g. 'won't fix', 'duplicate')")] = "",
     ) -> Finding:
         """Close a finding without a fix and remove its worktree; its branch stays."""
-        return await anyio.to_thread.run_sync(_state(ctx).loop.close, finding_id, reason)
+        return await _off_thread(_state(ctx).loop.close, finding_id, reason)
 
     @server.tool()
     async def run_once(repo: RepoArg, ctx: Context) -> CycleReport:
         """Run one full cycle on a repo now: discover, hand off, implement (if configured), verify; resumes an interrupted cycle."""
-        return await anyio.to_thread.run_sync(_state(ctx).loop.run_once, repo)
+        return await _off_thread(_state(ctx).loop.run_once, repo)
 
     @server.tool()
     async def schedule(
@@ -113,7 +126,11 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         from .schedule import next_delay
 
         state = _state(ctx)
-        made = await anyio.to_thread.run_sync(state.scheduler.set, repo, every_seconds, cron)
+        try:
+            # Not in a worker thread: the scheduler starts tasks in the server's own task group.
+            made = state.scheduler.set(repo, every_seconds, cron)
+        except (LoopError, GitError) as exc:
+            raise ToolError(str(exc)) from exc
         if made is None:
             return ScheduleResult(repo=repo, active=False)
         return ScheduleResult(repo=made.repo, active=True, schedule=made, next_in_s=round(next_delay(made), 3))
@@ -124,7 +141,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         repo: Annotated[str | None, Field(description="Limit to this repository; omit for every repo the loop knows")] = None,
     ) -> StatusResult:
         """Findings by status, the best open ones, recent cycles and schedules."""
-        return await anyio.to_thread.run_sync(_state(ctx).loop.status, repo)
+        return await _off_thread(_state(ctx).loop.status, repo)
 
     @server.resource("loop://findings/{finding_id}", mime_type="application/json")
     def finding_resource(finding_id: str, ctx: Context) -> str:
@@ -132,7 +149,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         loop = _state(ctx).loop
         found = loop.store.finding(finding_id)
         if found is None:
-            raise UnknownFinding(f"no finding {finding_id!r}; discover(repo) lists them")
+            raise ResourceNotFoundError(f"no finding {finding_id!r}; discover(repo) lists them")
         verdicts = [v.model_dump() for v in loop.store.verdicts(finding_id)]
         return FindingDetail(finding=found, verdicts=verdicts).model_dump_json(indent=2)
 
@@ -141,7 +158,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         """One cycle: its plan, every step with its outcome, and its summary."""
         run = _state(ctx).loop.store.run(run_id)
         if run is None:
-            raise ValueError(f"no run {run_id!r}; status() lists recent runs")
+            raise ResourceNotFoundError(f"no run {run_id!r}; status() lists recent runs")
         return json.dumps(run.model_dump(), indent=2)
 
     return server

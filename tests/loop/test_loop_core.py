@@ -251,6 +251,7 @@ def test_without_an_implementer_a_cycle_waits_for_work_then_verifies_it(make_rep
 
 
 def test_the_loop_budget_caps_the_findings_one_cycle_works_on(make_repo, kit, settings):
+    settings.loop.test_command = ["true"]  # these tests are about other sources
     repo = make_repo()
     for n in range(3):
         kit.commit_file(repo, f"mod{n}.py", f"X = {n}  # TODO: item {n}\n", f"mod {n}")
@@ -260,6 +261,7 @@ def test_the_loop_budget_caps_the_findings_one_cycle_works_on(make_repo, kit, se
 
 
 def test_markdown_issues_become_findings_and_their_text_is_never_run(make_repo, kit, tmp_path, settings):
+    settings.loop.test_command = ["true"]  # these tests are about other sources
     repo = make_repo()
     marker = tmp_path / "pwned"
     body = (
@@ -285,6 +287,7 @@ def test_markdown_issues_become_findings_and_their_text_is_never_run(make_repo, 
 
 
 def test_github_issues_are_read_through_the_rest_api_with_paging(make_repo, issues_api, monkeypatch, settings):
+    settings.loop.test_command = ["true"]  # these tests are about other sources
     repo = make_repo()
     issues_api.add(1, "add() is wrong", "`calc.py` subtracts instead of adding", labels=["bug"])
     issues_api.add(2, "a pull request", "not an issue", pull=True)
@@ -308,6 +311,7 @@ def test_github_issues_are_read_through_the_rest_api_with_paging(make_repo, issu
 
 
 def test_a_rejected_github_token_is_reported_and_loses_no_findings(make_repo, issues_api, monkeypatch, settings):
+    settings.loop.test_command = ["true"]  # these tests are about other sources
     repo = make_repo()
     issues_api.add(1, "add() is wrong", "calc.py")
     settings.loop.github_repo = "acme/calc"
@@ -324,6 +328,7 @@ def test_a_rejected_github_token_is_reported_and_loses_no_findings(make_repo, is
 
 
 def test_recent_commits_yield_new_todo_lines_and_untested_changes(make_repo, kit, settings):
+    settings.loop.test_command = ["true"]  # these tests are about other sources
     repo = make_repo()
     kit.commit_file(repo, "parser.py", "def parse(s):\n    return s.split()  # FIXME: quoted strings\n", "parser")
     kit.commit_file(repo, "old.py", "# TODO: gone soon\n", "old")
@@ -337,6 +342,7 @@ def test_recent_commits_yield_new_todo_lines_and_untested_changes(make_repo, kit
 
 
 def test_a_passed_finding_cannot_be_handed_off_again_and_close_removes_a_worktree(make_repo, kit, settings):
+    settings.loop.test_command = ["true"]  # these tests are about other sources
     repo = make_repo()
     kit.commit_file(repo, "notes.py", "X = 1  # TODO: tidy\n", "notes")
     loop = Loop(settings)
