@@ -114,7 +114,11 @@ def review(finding: Finding, worktree: Path, base: str, settings: Settings, test
                                   diff=diff_text(worktree, base))
 
     async def ask() -> Any:
-        return await llm.complete(prompt=prompt, task="review", max_tokens=600, json_schema=REVIEW_SCHEMA, feature="loop.verify")
+        try:
+            return await llm.complete(prompt=prompt, task="code", max_tokens=600, json_schema=REVIEW_SCHEMA, feature="loop.verify")
+        finally:
+            # Each review runs on its own short-lived event loop; its HTTP clients must not outlive it.
+            await llm.aclose()
 
     try:
         result = asyncio.run(ask())

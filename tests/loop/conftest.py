@@ -139,3 +139,51 @@ class Kit:
 @pytest.fixture
 def kit() -> type[Kit]:
     return Kit
+
+
+@pytest.fixture(autouse=True)
+def no_llm_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain mode unless a test configures a provider itself: a key in the shell must not reach a paid API."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "GITHUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class ChatAPI:
+    """A loopback server speaking the OpenAI chat-completions shape, answering with queued replies."""
+
+    def __init__(self) -> None:
+        self.replies: list[str] = []
+        self.prompts: list[str] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.prompts.append(body["messages"][-1]["content"])
+                content = api.replies.pop(0) if api.replies else '{"verdict": "FAIL", "reasons": ["no reply queued"]}'
+                data = json.dumps({
+                    "id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+                }).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+
+@pytest.fixture
+def chat_api() -> Iterator[ChatAPI]:
+    api = ChatAPI()
+    thread = threading.Thread(target=api.httpd.serve_forever, daemon=True)
+    thread.start()
+    yield api
+    api.httpd.shutdown()
+    api.httpd.server_close()
