@@ -102,3 +102,20 @@ def test_the_command_line_runs_one_cycle_and_shows_status(make_repo, capsys):
     assert "handed_off" in capsys.readouterr().out
     assert main(["loop", "run-once", str(repo.parent)]) == 1
     assert "not a git repository" in capsys.readouterr().err
+
+
+async def test_the_demo_shows_fail_then_pass_over_stdio(settings):
+    import os
+    import sys
+
+    from mcp import StdioServerParameters
+
+    from hydrabrain.servers.loop import demo
+
+    lines: list[str] = []
+    params = StdioServerParameters(command=sys.executable, args=["-m", "hydrabrain.servers.cli", "serve", "loop"], env=dict(os.environ))
+    async with Client(params) as client:
+        await demo.run(client, lines.append)
+    verdicts = [line for line in lines if line.startswith("loop: verify ->")]
+    assert verdicts[0] == "loop: verify -> FAIL" and verdicts[1].startswith("loop: verify -> PASS")
+    assert not list((settings.home / "loop" / "worktrees").glob("*/*"))  # PASS cleaned its worktree up
