@@ -1,0 +1,405 @@
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions (with SSE).
+
+One worker thread owns the engine and steps it while any request is live; each HTTP request waits
+on its own asyncio queue. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``, with the matching status. A client that goes away (mid-stream or while waiting for a
+whole completion) cancels its request, and the engine gives its blocks back on the next step.
+Extension: a ``kv_budget`` field (tokens) sets the request's KV budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from hydrabrain.inference.engine import Engine, RequestOutput, RequestRejected, SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}, status_code=self.status)
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+class AsyncEngine:
+    """The engine behind a lock, stepped by one daemon thread; outputs go to per-request queues."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="hydrabrain-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue[RequestOutput]]:
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = f"req-{uuid.uuid4().hex[:16]}"
+        with self._lock:
+            self.engine.add_request(prompt_ids, params, request_id=rid)
+            self._queues[rid] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        return rid, queue
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._queues.pop(request_id, None)
+        self.engine.cancel(request_id)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop:
+            with self._lock:
+                busy = self.engine.has_work
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                with self._lock:
+                    outputs = self.engine.step()
+                    targets = [(self._queues.get(o.request_id), o) for o in outputs]
+                    for o in outputs:
+                        if o.finished:
+                            self._queues.pop(o.request_id, None)
+            except BaseException as exc:  # noqa: BLE001 - a broken step must fail the waiting requests, not hang them
+                self.error = exc
+                with self._lock:
+                    waiting = list(self._queues.values())
+                    self._queues.clear()
+                for loop, queue in waiting:
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)  # type: ignore[arg-type]
+                return
+            for target, o in targets:
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, o)
+
+
+# --- request bodies -------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=1)
+    kv_budget: int | None = Field(None, ge=1)
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str] | list[int]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+@dataclass
+class BackendState:
+    worker: AsyncEngine
+    tokenizer: Any
+    model_id: str
+    default_max_tokens: int
+    default_kv_budget: int | None
+    created: int
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+def _check_model(state: BackendState, body: _Body) -> None:
+    if body.model != state.model_id:
+        raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{state.model_id}`", param="model", code="model_not_found")
+
+
+def _params(state: BackendState, body: _Body, max_tokens: int | None) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+    budget = body.kv_budget if body.kv_budget is not None else state.default_kv_budget
+    return SamplingParams(max_tokens=max_tokens or state.default_max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop, kv_budget=budget)
+
+
+def _message_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, "only text content parts are supported", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _submit(state: BackendState, prompt_ids: list[int], params: SamplingParams, param: str) -> tuple[str, asyncio.Queue[RequestOutput]]:
+    if state.worker.error is not None:
+        raise APIError(500, f"the engine stopped after an internal error: {state.worker.error}", type_="server_error")
+    try:
+        return state.worker.submit(prompt_ids, params)
+    except RequestRejected as exc:
+        raise APIError(400, str(exc), param=param if exc.code == "context_length_exceeded" else None, code=exc.code) from None
+
+
+async def _next(queue: asyncio.Queue[RequestOutput], request: Request) -> RequestOutput | None:
+    """The request's next output, or None once the client has gone."""
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout=0.25)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return None
+            continue
+        if isinstance(item, BaseException):
+            raise APIError(500, f"the engine failed: {item}", type_="server_error")
+        return item
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+
+
+def _model_card(state: BackendState) -> dict[str, Any]:
+    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "hydrabrain"}
+
+
+async def list_models(request: Request) -> Response:
+    state: BackendState = request.app.state.backend
+    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+
+async def get_model(request: Request) -> Response:
+    state: BackendState = request.app.state.backend
+    if request.path_params["model"] != state.model_id:
+        raise APIError(404, f"The model `{request.path_params['model']}` does not exist", param="model", code="model_not_found")
+    return JSONResponse(_model_card(state))
+
+
+async def _run(request: Request, kind: Literal["text", "chat"], prompt_ids: list[int], params: SamplingParams, body: _Body, param: str) -> Response:
+    state: BackendState = request.app.state.backend
+    rid, queue = _submit(state, prompt_ids, params, param)
+    created = int(time.time())
+    obj_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + rid.removeprefix("req-")
+
+    if not body.stream:
+        text, last = [], None
+        try:
+            while last is None or not last.finished:
+                out = await _next(queue, request)
+                if out is None:
+                    state.worker.cancel(rid)
+                    return Response(status_code=499)
+                text.append(out.new_text)
+                last = out
+        except BaseException:
+            state.worker.cancel(rid)
+            raise
+        content = "".join(text)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": content}
+        else:
+            choice["text"] = content
+        return JSONResponse(
+            {"id": obj_id, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
+             "model": state.model_id, "choices": [choice], "usage": _usage(last.prompt_tokens, last.completion_tokens)}
+        )
+
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    def chunk(delta_text: str | None, finish: str | None, first: bool = False) -> str:
+        if kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": delta_text} if delta_text else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        payload = {"id": obj_id, "object": obj, "created": created, "model": state.model_id, "choices": [choice]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        finished = False
+        try:
+            if kind == "chat":
+                yield chunk(None, None, first=True)
+            while not finished:
+                out = await _next(queue, request)
+                if out is None:
+                    return
+                finished = out.finished
+                if out.new_text or out.finished:
+                    yield chunk(out.new_text, out.finish_reason if out.finished else None)
+            if include_usage:
+                usage = {"id": obj_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created,
+                         "model": state.model_id, "choices": [], "usage": _usage(out.prompt_tokens, out.completion_tokens)}
+                yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+        except APIError as exc:
+            yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.type, 'param': exc.param, 'code': exc.code}})}\n\n"
+        finally:
+            if not finished:
+                state.worker.cancel(rid)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def completions(request: Request) -> Response:
+    state: BackendState = request.app.state.backend
+    body: CompletionBody = await _parse(request, CompletionBody)
+    _check_model(state, body)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, "this server completes one prompt per request; send a string", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        vocab = len(state.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        prompt_ids = list(prompt)
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    return await _run(request, "text", prompt_ids, _params(state, body, body.max_tokens or 16), body, "prompt")
+
+
+async def chat_completions(request: Request) -> Response:
+    state: BackendState = request.app.state.backend
+    body: ChatBody = await _parse(request, ChatBody)
+    _check_model(state, body)
+    if getattr(state.tokenizer, "chat_template", None) is None:
+        raise APIError(400, f"the model `{state.model_id}` has no chat template; use /v1/completions", param="messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)} for m in body.messages]
+    text = state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = state.tokenizer.encode(text, add_special_tokens=False)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await _run(request, "chat", prompt_ids, _params(state, body, max_tokens), body, "messages")
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=type_).response()
+
+
+def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256, default_kv_budget: int | None = None) -> Starlette:
+    """The Starlette app serving ``engine`` as ``model_id``; the engine thread runs while the app does."""
+    worker = AsyncEngine(engine)
+    state = BackendState(worker, tokenizer, model_id, default_max_tokens, default_kv_budget, int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        ],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.backend = state
+    return app
+
+
+def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, prefill_chunk: int = 256, compaction_interval: int = 128) -> tuple[Engine, Any]:
+    """Load ``model`` (name or path), calibrate its query statistics and build an engine."""
+    import torch
+
+    from hydrabrain.inference import models
+    from hydrabrain.inference.llama import PagedLlama
+    from hydrabrain.inference.scoring import CALIBRATION_TEXT, calibrate
+
+    hf_model, tokenizer = models.load(model)
+    runner = PagedLlama(hf_model)
+    del hf_model
+    ids = torch.tensor(tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=False)[: runner.max_position])
+    stats = calibrate(runner, ids)
+    eos = [t for t in {tokenizer.eos_token_id, getattr(runner.config, "eos_token_id", None)} if isinstance(t, int)]
+    engine = Engine(runner, tokenizer, num_blocks=num_blocks, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                    compaction_interval=compaction_interval, stats=stats, eos_token_ids=eos)
+    return engine, tokenizer
+
+
+def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8808, log_level: str = "warning") -> None:
+    import uvicorn
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,55 @@
+"""`hydrabrain backend serve`: the local inference backend behind an OpenAI-compatible API.
+
+Settings come from ``settings.backend`` (hydrabrain.toml or HYDRABRAIN_BACKEND_*); flags win.
+Imports stay light at module level; torch and transformers load only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    backend = subparsers.add_parser("backend", help="the local inference backend (paged KV cache with compaction, OpenAI-compatible API)")
+    sub = backend.add_subparsers(dest="backend_command", metavar="SUBCOMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model at /v1/models, /v1/completions and /v1/chat/completions",
+        description="Serve a Llama-family model through the paged, compacting engine with an OpenAI-compatible HTTP API.",
+    )
+    serve.add_argument("--model", default=None, help="'smollm2-135m' (the packaged SmolLM2-135M-Instruct), a checkpoint folder, or a .gguf file (default: backend.model)")
+    serve.add_argument("--host", default=None, help="bind address (default: backend.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: backend.port, 8808)")
+    serve.add_argument("--kv-budget", type=int, default=None, metavar="N", help="default per-request KV budget in tokens; compaction keeps each sequence near it (default: backend.kv_budget_tokens, unset = full cache)")
+    serve.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="16-token blocks in the KV pool (default 2048)")
+    serve.add_argument("--max-batch", type=int, default=None, metavar="N", help="sequences decoded together (default: backend.max_batch)")
+    serve.add_argument("--name", default=None, help="model id clients send (default: the --model value)")
+    serve.set_defaults(func=_serve)
+    backend.set_defaults(func=lambda args: (backend.print_help(), 2)[1])
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from hydrabrain.servers.cli import settings_from
+
+    cfg = settings_from(args).backend
+    model = args.model or cfg.model
+    host = args.host or cfg.host
+    port = args.port or cfg.port
+    budget = args.kv_budget if args.kv_budget is not None else cfg.kv_budget_tokens
+
+    from hydrabrain.inference import api
+    from hydrabrain.inference.models import ModelNotFound
+
+    try:
+        engine, tokenizer = api.create_engine(model, num_blocks=args.kv_blocks, max_batch=args.max_batch or cfg.max_batch)
+    except ModelNotFound as exc:
+        print(f"hydrabrain backend: {exc}", file=sys.stderr)
+        return 2
+    if budget is not None and budget < engine.sinks + engine.recent:
+        print(f"hydrabrain backend: --kv-budget must be at least {engine.sinks + engine.recent} tokens", file=sys.stderr)
+        return 2
+    app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget)
+    print(f"hydrabrain backend: serving {args.name or model} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    api.serve(app, host, port)
+    return 0
