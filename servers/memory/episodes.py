@@ -1,0 +1,256 @@
+"""The episode log: sessions, episodes and lessons in one SQLite file (WAL), append-only for episodes.
+
+Episodes are never edited, only added or (for privacy requests) deleted, so the log keeps the exact
+chronology of what was tried and what happened. Lessons live here too because they are small,
+rewritten by consolidation, and must survive a restart together with the episodes they cite.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydrabrain.servers.memory.timeutil import from_ts, to_iso
+
+KINDS = ("observation", "attempt", "outcome", "fact", "preference")
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    user: str
+    team: str | None
+    task: str | None
+    started_at: float
+    ended_at: float | None
+
+
+@dataclass(frozen=True)
+class Episode:
+    id: str
+    user: str
+    team: str | None
+    session_id: str
+    kind: str
+    text: str
+    at: float  # when it happened (event time)
+    recorded_at: float  # when the server learned it (transaction time)
+    fact_ids: list[str] = field(default_factory=list)
+    entities: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "memory_id": self.id,
+            "session_id": self.session_id,
+            "kind": self.kind,
+            "text": self.text,
+            "at": to_iso(from_ts(self.at)),
+            "recorded_at": to_iso(from_ts(self.recorded_at)),
+            "entities": list(self.entities),
+        }
+
+
+@dataclass
+class Lesson:
+    id: str
+    user: str
+    team: str | None
+    polarity: str  # "dead_end" | "works" | "mixed"
+    text: str
+    evidence: list[str]
+    failed: int
+    worked: int
+    created_at: float
+    updated_at: float
+
+    @property
+    def support(self) -> int:
+        return len(self.evidence)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, team TEXT, task TEXT,
+    started_at REAL NOT NULL, ended_at REAL);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions(user);
+CREATE TABLE IF NOT EXISTS episodes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, user TEXT NOT NULL, team TEXT,
+    session_id TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL, at REAL NOT NULL,
+    recorded_at REAL NOT NULL, fact_ids TEXT NOT NULL DEFAULT '[]', entities TEXT NOT NULL DEFAULT '[]');
+CREATE INDEX IF NOT EXISTS episodes_user ON episodes(user, kind, at);
+CREATE INDEX IF NOT EXISTS episodes_session ON episodes(session_id);
+CREATE TABLE IF NOT EXISTS lessons (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, team TEXT, polarity TEXT NOT NULL, text TEXT NOT NULL,
+    evidence TEXT NOT NULL, failed INTEGER NOT NULL, worked INTEGER NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS lessons_user ON lessons(user);
+"""
+
+
+def _episode(row: sqlite3.Row) -> Episode:
+    return Episode(
+        row["id"], row["user"], row["team"], row["session_id"], row["kind"], row["text"], row["at"],
+        row["recorded_at"], json.loads(row["fact_ids"]), json.loads(row["entities"]),
+    )
+
+
+def _lesson(row: sqlite3.Row) -> Lesson:
+    return Lesson(
+        row["id"], row["user"], row["team"], row["polarity"], row["text"], json.loads(row["evidence"]),
+        row["failed"], row["worked"], row["created_at"], row["updated_at"],
+    )
+
+
+class EpisodeLog:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def add_session(self, session: Session) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO sessions (id, user, team, task, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (session.id, session.user, session.team, session.task, session.started_at, session.ended_at),
+            )
+
+    def session(self, session_id: str) -> Session | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            return None
+        return Session(row["id"], row["user"], row["team"], row["task"], row["started_at"], row["ended_at"])
+
+    def end_session(self, session_id: str, at: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET ended_at = ? WHERE id = ? AND ended_at IS NULL", (at, session_id))
+
+    def sessions(self, user: str) -> list[Session]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM sessions WHERE user = ? ORDER BY started_at", (user,)).fetchall()
+        return [Session(r["id"], r["user"], r["team"], r["task"], r["started_at"], r["ended_at"]) for r in rows]
+
+    # --- episodes ---------------------------------------------------------------------------
+
+    def add_episodes(self, episodes: Sequence[Episode]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO episodes (id, user, team, session_id, kind, text, at, recorded_at, fact_ids, entities) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (e.id, e.user, e.team, e.session_id, e.kind, e.text, e.at, e.recorded_at, json.dumps(e.fact_ids), json.dumps(e.entities))
+                    for e in episodes
+                ],
+            )
+
+    def episodes(
+        self,
+        user: str | None = None,
+        ids: Sequence[str] | None = None,
+        session_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> list[Episode]:
+        sql, args = "SELECT * FROM episodes WHERE 1=1", []
+        if user is not None:
+            sql += " AND user = ?"
+            args.append(user)
+        if session_id is not None:
+            sql += " AND session_id = ?"
+            args.append(session_id)
+        if kinds:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args += list(kinds)
+        if ids is not None:
+            if not ids:
+                return []
+            found: list[Episode] = []
+            for start in range(0, len(ids), 500):
+                part = list(ids[start : start + 500])
+                with self._lock:
+                    rows = self._db.execute(sql + f" AND id IN ({','.join('?' * len(part))})", args + part).fetchall()
+                found += [_episode(r) for r in rows]
+            return sorted(found, key=lambda e: (e.at, e.recorded_at))
+        sql += " ORDER BY at, seq"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [_episode(r) for r in rows]
+
+    def episode_ids_mentioning(self, user: str, needle: str) -> list[str]:
+        """Episodes whose text contains `needle` (case-insensitive) — candidates for a privacy request."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM episodes WHERE user = ? AND instr(lower(text), lower(?)) > 0", (user, needle)
+            ).fetchall()
+        return [r["id"] for r in rows]
+
+    def delete_episodes(self, ids: Sequence[str]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM episodes WHERE id = ?", [(i,) for i in ids])
+
+    def count(self, user: str | None = None) -> int:
+        with self._lock:
+            if user is None:
+                return int(self._db.execute("SELECT COUNT(*) FROM episodes").fetchone()[0])
+            return int(self._db.execute("SELECT COUNT(*) FROM episodes WHERE user = ?", (user,)).fetchone()[0])
+
+    # --- lessons ----------------------------------------------------------------------------
+
+    def lessons(self, user: str, ids: Sequence[str] | None = None) -> list[Lesson]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM lessons WHERE user = ? ORDER BY created_at, id", (user,)).fetchall()
+        lessons = [_lesson(r) for r in rows]
+        if ids is not None:
+            wanted = set(ids)
+            lessons = [lesson for lesson in lessons if lesson.id in wanted]
+        return lessons
+
+    def save_lessons(self, lessons: Sequence[Lesson], delete: Sequence[str] = ()) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM lessons WHERE id = ?", [(i,) for i in delete])
+            db.executemany(
+                "INSERT INTO lessons (id, user, team, polarity, text, evidence, failed, worked, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET polarity = excluded.polarity, "
+                "text = excluded.text, evidence = excluded.evidence, failed = excluded.failed, worked = excluded.worked, "
+                "updated_at = excluded.updated_at",
+                [
+                    (x.id, x.user, x.team, x.polarity, x.text, json.dumps(x.evidence), x.failed, x.worked, x.created_at, x.updated_at)
+                    for x in lessons
+                ],
+            )
+
+    def delete_user(self, user: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM episodes WHERE user = ?", (user,))
+            db.execute("DELETE FROM lessons WHERE user = ?", (user,))
+            db.execute("DELETE FROM sessions WHERE user = ?", (user,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
