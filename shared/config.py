@@ -65,8 +65,6 @@ class WikiConfig(Section):
     allow_private_urls: bool = Field(False, description="Allow ingesting URLs that resolve to loopback or private addresses")
     max_source_bytes: int = Field(5_000_000, ge=1, description="Largest source accepted by ingest")
     fetch_timeout_s: float = Field(15.0, gt=0, description="Timeout for fetching a URL source")
-    min_sources_for_page: int = Field(2, ge=1, description="Sources that must mention an entity or concept before it gets its own page")
-    answer_threshold: float = Field(0.35, ge=0, le=1, description="Cosine similarity the best passage needs before `ask` treats the wiki as answering")
 
 
 class MemoryConfig(Section):
@@ -116,7 +114,6 @@ class DownstreamConfig(Section):
     url: str | None = Field(None, description="Streamable-HTTP URL of an external MCP server")
     hide: list[str] = Field(default_factory=list, description="Downstream tool names to hide")
     rename: dict[str, str] = Field(default_factory=dict, description="Downstream tool name -> exposed name")
-    timeout_s: float | None = Field(None, gt=0, description="Longest wait for one call before the server counts as hung and is restarted; unset uses router.call_timeout_s")
 
 
 class BudgetConfig(Section):
@@ -130,8 +127,6 @@ class RouterConfig(Section):
     mount: list[str] = Field(default_factory=lambda: ["wiki", "memory", "crag", "loop"], description="Suite servers the router mounts")
     downstream: list[DownstreamConfig] = Field(default_factory=list, description="External MCP servers to mount")
     hide: list[str] = Field(default_factory=list, description="Exposed tool names to hide")
-    rename: dict[str, str] = Field(default_factory=dict, description="Exposed tool name -> new name (for any mounted server)")
-    call_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a mounted server's answer before it counts as hung and is restarted")
     providers: list[ProviderConfig] = Field(default_factory=list, description="LLM providers; empty uses OPENAI_*/ANTHROPIC_* variables")
     budgets: list[BudgetConfig] = Field(default_factory=list, description="Spend limits")
     quality: Literal["cheapest", "balanced", "best"] = Field("balanced", description="Cost-quality setting")
