@@ -114,6 +114,7 @@ class DownstreamConfig(Section):
     url: str | None = Field(None, description="Streamable-HTTP URL of an external MCP server")
     hide: list[str] = Field(default_factory=list, description="Downstream tool names to hide")
     rename: dict[str, str] = Field(default_factory=dict, description="Downstream tool name -> exposed name")
+    timeout_s: float | None = Field(None, gt=0, description="Longest wait for one call before the server counts as hung and is restarted; unset uses router.call_timeout_s")
 
 
 class BudgetConfig(Section):
@@ -127,6 +128,8 @@ class RouterConfig(Section):
     mount: list[str] = Field(default_factory=lambda: ["wiki", "memory", "crag", "loop"], description="Suite servers the router mounts")
     downstream: list[DownstreamConfig] = Field(default_factory=list, description="External MCP servers to mount")
     hide: list[str] = Field(default_factory=list, description="Exposed tool names to hide")
+    rename: dict[str, str] = Field(default_factory=dict, description="Exposed tool name -> new name (for any mounted server)")
+    call_timeout_s: float = Field(300.0, gt=0, description="Longest wait for a mounted server's answer before it counts as hung and is restarted")
     providers: list[ProviderConfig] = Field(default_factory=list, description="LLM providers; empty uses OPENAI_*/ANTHROPIC_* variables")
     budgets: list[BudgetConfig] = Field(default_factory=list, description="Spend limits")
     quality: Literal["cheapest", "balanced", "best"] = Field("balanced", description="Cost-quality setting")
