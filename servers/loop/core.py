@@ -167,6 +167,7 @@ class Loop:
         self.store = Store(self.home / "loop.db")
         self.worktree_root = (self.cfg.worktree_root or self.home / "worktrees").expanduser().resolve()
         self.stop = threading.Event()
+        self._excluded: set[Path] = set()  # repos whose info/exclude already hides the task file
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -270,7 +271,9 @@ class Loop:
             require_clean(root)
         base = finding.base_commit or head(root)
         worktree = ensure_worktree(root, path, branch, base)
-        exclude_task_file(root)
+        if root not in self._excluded:
+            exclude_task_file(root)
+            self._excluded.add(root)
         task = worktree.path / TASK_FILE
         if not task.exists():
             atomic_write(task, self._task_text(finding, worktree.path, branch))

@@ -109,6 +109,18 @@ def registered_worktrees(root: Path) -> dict[Path, str | None]:
     return found
 
 
+def _is_worktree_of(path: Path, branch: str) -> bool:
+    """The cheap check a cycle makes for every finding: read git's own pointer files, start no process."""
+    try:
+        pointer = (path / ".git").read_text(encoding="utf-8").strip()
+        if not pointer.startswith("gitdir: "):
+            return False
+        head_ref = (Path(pointer[len("gitdir: "):]) / "HEAD").read_text(encoding="utf-8").strip()
+    except OSError:
+        return False
+    return head_ref == f"ref: refs/heads/{branch}"
+
+
 def branch_exists(root: Path, branch: str) -> bool:
     return bool(git(["branch", "--list", branch], root).strip())
 
@@ -116,6 +128,8 @@ def branch_exists(root: Path, branch: str) -> bool:
 def ensure_worktree(root: Path, path: Path, branch: str, base: str) -> Worktree:
     """Put a worktree for `branch` at `path`, reusing what is there; never touches another finding's."""
     path = path.resolve()
+    if _is_worktree_of(path, branch):
+        return Worktree(path, branch, created=False)
     known = registered_worktrees(root)
     if path in known and path.is_dir():
         if known[path] != branch:
