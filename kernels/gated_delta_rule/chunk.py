@@ -12,9 +12,12 @@ Three launches, the same split the chunked algorithm itself suggests:
 3. ``_output_kernel`` (one program per chunk, head and V slice, all parallel):
    o = scale (exp(gamma) Q) S + causal(scale Q K^T * decay) (U - W S).
 
-The backward recomputes the forward through the differentiable pure-torch chunked reference
-(``naive.chunk_gated_delta_rule_ref``) and lets autograd differentiate it: exact gradients at the
-reference's cost, no Triton backward kernel yet. Same signature and argument order as the reference.
+The backward is two more launches after recomputing passes 1 and 2 (keeping T this time):
+``_bwd_state_kernel`` walks the chunks in reverse and carries dS, the gradient reaching each chunk's
+end state, and the gradient of U - W S; ``_bwd_chunk_kernel`` then takes every chunk in parallel and
+differentiates the output block, the state hand-off, W and U, and the inverse (dA = -T^T dT T^T),
+ending with a reverse running sum inside the chunk from d(gamma) to dg. Same signature and argument
+order as the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import triton
 import triton.language as tl
 
 from hydrabrain.kernels.gated_delta_rule.fused_recurrent import INTERPRETED, _check_launchable, _maybe_autotune
-from hydrabrain.kernels.gated_delta_rule.naive import chunk_gated_delta_rule_ref
 
 CHUNK = 64
 
@@ -32,7 +34,7 @@ CHUNK = 64
 @_maybe_autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)], key=["K", "V"])
 @triton.jit
 def _prepare_kernel(
-    k, v, g, beta, gamma, w, u,
+    k, v, g, beta, gamma, w, u, a_inv,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -42,6 +44,7 @@ def _prepare_kernel(
     BV: tl.constexpr,
     PRECISION: tl.constexpr,
     DT: tl.constexpr,
+    STORE_INV: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -62,7 +65,8 @@ def _prepare_kernel(
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
 
     o_i = tl.arange(0, BT)
-    strictly_lower = o_i[:, None] > o_i[None, :]
+    # padding rows and columns too: their gamma is 0, which would make the gaps positive
+    strictly_lower = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
     # masked before exp: above the diagonal gamma_i - gamma_j is positive and may overflow
     gap = tl.where(strictly_lower, b_gamma[:, None] - b_gamma[None, :], float("-inf"))
     b_a = tl.where(strictly_lower, b_beta[:, None] * b_kk * tl.exp(gap), 0.0)
@@ -74,6 +78,9 @@ def _prepare_kernel(
         a_i = tl.sum(tl.where(o_i[:, None] == i, b_a, 0.0), axis=0)  # (BT,) row i of A, indexed by j
         t_i = tl.where(o_i == i, 1.0, 0.0) - tl.sum(a_i[:, None] * b_inv, axis=0)
         b_inv = tl.where(o_i[:, None] == i, t_i[None, :], b_inv)
+    if STORE_INV:
+        # (B, T, H, BT): each token's row of its chunk's inverse, for the backward
+        tl.store(a_inv + row[:, None] * BT + o_i[None, :], b_inv, mask=m_t[:, None])
     b_inv_dt = b_inv.to(DT)
 
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -191,12 +198,210 @@ def _output_kernel(
     b_gamma = tl.load(gamma + row, mask=m_t, other=0.0)
     b_o = b_o * (tl.exp(b_gamma) * scale)[:, None]
     o_i = tl.arange(0, BT)
-    causal = o_i[:, None] >= o_i[None, :]
+    causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     gap = tl.where(causal, b_gamma[:, None] - b_gamma[None, :], float("-inf"))
     b_a = tl.where(causal, b_qk * tl.exp(gap) * scale, 0.0)
     b_vn = tl.load(v_new + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_o += tl.dot(b_a.to(DT), b_vn.to(DT), input_precision=PRECISION)
     tl.store(o + row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@_maybe_autotune(
+    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (32, 64) for nw in (4, 8) for s in (1, 2)],
+    key=["K", "V"],
+)
+@triton.jit
+def _bwd_state_kernel(
+    q, k, w, gamma, do, dht, dh0, dhs, dvn,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """Chunks in reverse: the gradient reaching each chunk's end state, and the one reaching U - W S."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_i = tl.arange(0, BT)
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dh += tl.load(dht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+
+    for i_n in range(0, NT):
+        i_t = NT - 1 - i_n
+        p_dhs = dhs + ((i_b * NT + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_dhs, b_dh, mask=m_kv)
+
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        row = (i_b * T + o_t) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        last = tl.minimum(T, (i_t + 1) * BT) - 1
+        b_glast = tl.load(gamma + (i_b * T + last) * H + i_h)
+        b_gamma = tl.load(gamma + row, mask=m_t, other=0.0)
+        b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.load(w + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_do = tl.load(do + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+
+        valid = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+        gap = tl.where(valid, b_gamma[:, None] - b_gamma[None, :], float("-inf"))
+        b_m = tl.dot(b_q.to(DT), tl.trans(b_k.to(DT)), input_precision=PRECISION) * tl.exp(gap) * scale
+        b_m = tl.where(valid, b_m, 0.0)
+        b_tail = tl.where(m_t, tl.exp(b_glast - b_gamma), 0.0)
+        b_kd = b_k * b_tail[:, None]
+        # U - W S feeds the output (through the causal block) and the next state (through the decayed keys)
+        b_dvn = tl.dot(b_kd.to(DT), b_dh.to(DT), input_precision=PRECISION)
+        b_dvn += tl.dot(tl.trans(b_m).to(DT), b_do.to(DT), input_precision=PRECISION)
+        tl.store(dvn + row[:, None] * V + o_v[None, :], b_dvn, mask=m_tv)
+
+        b_qg = b_q * (tl.where(m_t, tl.exp(b_gamma), 0.0) * scale)[:, None]
+        b_dh = b_dh * tl.exp(b_glast)
+        b_dh += tl.dot(tl.trans(b_qg).to(DT), b_do.to(DT), input_precision=PRECISION)
+        b_dh -= tl.dot(tl.trans(b_w).to(DT), b_dvn.to(DT), input_precision=PRECISION)
+
+    if STORE_DH0:
+        tl.store(dh0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_kv)
+
+
+@_maybe_autotune(
+    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (16, 32, 64) for nw in (4, 8) for s in (1, 2)],
+    key=["K", "V"],
+)
+@triton.jit
+def _bwd_chunk_kernel(
+    q, k, v, beta, gamma, w, a_inv, hs, dhs, v_new, dvn, do,
+    dq, dk, dv, dbeta, dg,
+    scale,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """One chunk, all parallel: dq, dk, dv, dbeta, dg from the states and state gradients around it."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    row = (i_b * T + o_t) * H + i_h
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    o_i = tl.arange(0, BT)
+
+    b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
+    b_gamma = tl.load(gamma + row, mask=m_t, other=0.0)
+    last = tl.minimum(T, (i_t + 1) * BT) - 1
+    b_glast = tl.load(gamma + (i_b * T + last) * H + i_h)
+    b_inv = tl.load(a_inv + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
+    b_inv_t = tl.trans(b_inv).to(DT)
+
+    incl = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    b_decay = tl.exp(tl.where(incl, b_gamma[:, None] - b_gamma[None, :], float("-inf")))  # 0 off the causal part
+    b_eg = tl.where(m_t, tl.exp(b_gamma), 0.0)
+
+    b_dqs = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
+    b_dkd = tl.zeros([BT, BK], dtype=tl.float32)  # d(decayed keys) = (U - W S) dS'^T
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dm = tl.zeros([BT, BT], dtype=tl.float32)  # d(causal block) = dO (U - W S)^T
+    b_dinv = tl.zeros([BT, BT], dtype=tl.float32)  # d(I + A)^-1
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    b_sds = tl.zeros([BK], dtype=tl.float32)  # row sums of S * dS', for the chunk's total decay
+    p_state = ((i_b * NT + i_t) * H + i_h) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_s = tl.load(hs + p_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        b_ds = tl.load(dhs + p_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        b_do = tl.load(do + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_vn = tl.load(v_new + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_dvn = tl.load(dvn + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+
+        b_dqs += tl.dot(b_do.to(DT), tl.trans(b_s).to(DT), input_precision=PRECISION)
+        b_dm += tl.dot(b_do.to(DT), tl.trans(b_vn).to(DT), input_precision=PRECISION)
+        b_dkd += tl.dot(b_vn.to(DT), tl.trans(b_ds).to(DT), input_precision=PRECISION)
+        b_dw -= tl.dot(b_dvn.to(DT), tl.trans(b_s).to(DT), input_precision=PRECISION)
+        b_bv = b_v * b_beta[:, None]
+        # U = T (beta V): dU is the gradient of U - W S
+        b_dinv += tl.dot(b_dvn.to(DT), tl.trans(b_bv).to(DT), input_precision=PRECISION)
+        b_dbv = tl.dot(b_inv_t, b_dvn.to(DT), input_precision=PRECISION)
+        tl.store(dv + row[:, None] * V + o_v[None, :], (b_dbv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_dbeta += tl.sum(b_dbv * b_v, axis=1)
+        b_sds += tl.sum(b_s * b_ds, axis=1)
+
+    # the causal block M = scale (Q K^T) * decay
+    b_qk = tl.dot(b_q.to(DT), tl.trans(b_k).to(DT), input_precision=PRECISION)
+    b_dm = tl.where(incl, b_dm, 0.0)
+    b_dme = b_dm * b_decay * scale
+    b_dq = tl.dot(b_dme.to(DT), b_k.to(DT), input_precision=PRECISION) + b_dqs * (b_eg * scale)[:, None]
+    b_dk = tl.dot(tl.trans(b_dme).to(DT), b_q.to(DT), input_precision=PRECISION)
+    b_p = b_dme * b_qk  # dM * M
+    b_dgamma = tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
+    b_dgamma += tl.sum(b_q * b_dqs, axis=1) * b_eg * scale
+
+    # the hand-off to the next chunk: S' = exp(gamma_last) S + (K * exp(gamma_last - gamma))^T (U - W S)
+    b_tail = tl.where(m_t, tl.exp(b_glast - b_gamma), 0.0)
+    b_dk += b_dkd * b_tail[:, None]
+    b_dtail = tl.sum(b_dkd * b_k, axis=1) * b_tail
+    b_dgamma -= b_dtail
+    b_dglast = tl.sum(b_dtail, axis=0) + tl.exp(b_glast) * tl.sum(b_sds, axis=0)
+
+    # W = T (beta exp(gamma) K)
+    b_kscale = b_beta * b_eg
+    b_dkb = tl.dot(b_inv_t, b_dw.to(DT), input_precision=PRECISION)
+    b_dk += b_dkb * b_kscale[:, None]
+    b_dks = tl.sum(b_dkb * b_k, axis=1)
+    b_dbeta += b_dks * b_eg
+    b_dgamma += b_dks * b_kscale
+    b_dinv += tl.dot(b_dw.to(DT), tl.trans(b_k * b_kscale[:, None]).to(DT), input_precision=PRECISION)
+
+    # T = (I + A)^-1, so dA = -T^T dT T^T, kept on the strictly lower part where A lives
+    b_da = tl.dot(b_dinv.to(DT), b_inv_t, input_precision=PRECISION)
+    b_da = -tl.dot(b_inv_t, b_da.to(DT), input_precision=PRECISION)
+    b_da = tl.where(strict, b_da, 0.0)
+    b_kk = tl.dot(b_k.to(DT), tl.trans(b_k).to(DT), input_precision=PRECISION)
+    b_dae = b_da * b_decay * b_kk  # dA_ij exp(gamma_i - gamma_j) k_i.k_j
+    b_dbeta += tl.sum(b_dae, axis=1)
+    b_p = b_dae * b_beta[:, None]  # dA * A
+    b_dgamma += tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
+    b_dkk = (b_da * b_decay * b_beta[:, None]).to(DT)
+    b_dk += tl.dot(b_dkk, b_k.to(DT), input_precision=PRECISION)
+    b_dk += tl.dot(tl.trans(b_dkk), b_k.to(DT), input_precision=PRECISION)
+
+    # gamma is the running sum of g inside the chunk
+    b_dgamma += tl.where(o_t == last, b_dglast, 0.0)
+    b_dg = tl.cumsum(b_dgamma, axis=0, reverse=True)
+
+    tl.store(dq + row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dbeta + row, b_dbeta, mask=m_t)
+    tl.store(dg + row, b_dg, mask=m_t)
 
 
 def _check_shapes(q, k, v, g, beta, initial_state) -> None:
@@ -215,79 +420,113 @@ def _check_shapes(q, k, v, g, beta, initial_state) -> None:
         raise ValueError(f"q, k, v must be fp32, bf16 or fp16; got {q.dtype}")
 
 
-def _chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state):
+def _launch(kernel, grid, args, meta, fixed):
+    """Autotuned on a GPU; the interpreter gets the fixed meta-parameters instead."""
+    if INTERPRETED:
+        kernel[grid](*args, **meta, **fixed)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _chunk_states(q, k, v, g, beta, initial_state, output_final_state, *, keep_inverse=False):
+    """The prepare and state passes: everything but the output. Inputs already contiguous, one dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     BT = CHUNK
     NT = triton.cdiv(T, BT)
-    k = k.to(q.dtype).contiguous()
-    q, v, g, beta = q.contiguous(), v.to(q.dtype).contiguous(), g.contiguous(), beta.contiguous()
     # fp32 inputs get true fp32 products; half inputs run the tensor cores in their own type
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # the interpreter multiplies half-precision tiles as raw integer bits: keep its products in fp32
     dot_dtype = tl.float32 if INTERPRETED or q.dtype == torch.float32 else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
     BK = max(16, triton.next_power_of_2(K))
-    BK_TILE = min(64, BK)
+    BV_MAX = max(16, triton.next_power_of_2(V))
+    c = dict(B=B, T=T, H=H, K=K, V=V, BT=BT, NT=NT, BK=BK, BV_MAX=BV_MAX, precision=precision, dot_dtype=dot_dtype)
 
     gamma = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
     w = torch.empty_like(k)
     u = torch.empty_like(v)
+    a_inv = torch.empty(B, T, H, BT, device=q.device, dtype=torch.float32) if keep_inverse else None
     _prepare_kernel[(NT, B * H)](
-        k, v, g, beta, gamma, w, u, T, H=H, K=K, V=V, BT=BT, BK=BK_TILE, BV=min(64, max(16, triton.next_power_of_2(V))),
-        PRECISION=precision, DT=dot_dtype,
+        k, v, g, beta, gamma, w, u, a_inv, T, H=H, K=K, V=V, BT=BT, BK=min(64, BK), BV=min(64, BV_MAX),
+        PRECISION=precision, DT=dot_dtype, STORE_INV=keep_inverse,
     )
 
     hs = q.new_empty(B, NT, H, K, V)
     v_new = torch.empty_like(u)
     ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None
-    state_args = (k, w, u, gamma, h0, hs, v_new, ht, T, NT)
-    state_meta = dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_INITIAL=h0 is not None, STORE_FINAL=output_final_state, PRECISION=precision, DT=dot_dtype)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
-    if INTERPRETED:
-        _state_kernel[grid](*state_args, **state_meta, BV=min(32, max(16, triton.next_power_of_2(V))))
-    else:
-        _state_kernel[grid](*state_args, **state_meta)
+    _launch(
+        _state_kernel,
+        lambda meta: (triton.cdiv(V, meta["BV"]), B * H),
+        (k, w, u, gamma, h0, hs, v_new, ht, T, NT),
+        dict(H=H, K=K, V=V, BT=BT, BK=BK, HAS_INITIAL=h0 is not None, STORE_FINAL=output_final_state, PRECISION=precision, DT=dot_dtype),
+        dict(BV=min(32, BV_MAX)),
+    )
+    return c, dict(gamma=gamma, w=w, u=u, a_inv=a_inv, hs=hs, v_new=v_new, ht=ht)
 
+
+def _chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state):
+    c, s = _chunk_states(q, k, v, g, beta, initial_state, output_final_state)
+    B, T, H, K, V, NT = c["B"], c["T"], c["H"], c["K"], c["V"], c["NT"]
     o = torch.empty_like(v)
-    out_args = (q, k, v_new, gamma, hs, o, scale, T, NT)
-    out_meta = dict(H=H, K=K, V=V, BT=BT, BK=BK_TILE, PRECISION=precision, DT=dot_dtype)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), NT, B * H)  # noqa: E731
-    if INTERPRETED:
-        _output_kernel[grid](*out_args, **out_meta, BV=min(64, max(16, triton.next_power_of_2(V))))
-    else:
-        _output_kernel[grid](*out_args, **out_meta)
-    return o, ht
+    _launch(
+        _output_kernel,
+        lambda meta: (triton.cdiv(V, meta["BV"]), NT, B * H),
+        (q, k, s["v_new"], s["gamma"], s["hs"], o, scale, T, NT),
+        dict(H=H, K=K, V=V, BT=c["BT"], BK=min(64, c["BK"]), PRECISION=c["precision"], DT=c["dot_dtype"]),
+        dict(BV=min(64, c["BV_MAX"])),
+    )
+    return o, s["ht"]
+
+
+def _chunk_backward(q, k, v, g, beta, scale, initial_state, do, dht):
+    # the forward's intermediates are recomputed, not kept: two cheap passes instead of (B, NT, H, K, V) held
+    c, s = _chunk_states(q, k, v, g, beta, initial_state, False, keep_inverse=True)
+    B, T, H, K, V, NT = c["B"], c["T"], c["H"], c["K"], c["V"], c["NT"]
+    common = dict(H=H, K=K, V=V, BT=c["BT"], BK=c["BK"], PRECISION=c["precision"], DT=c["dot_dtype"])
+    do = do.to(v.dtype).contiguous()
+    dht = dht.contiguous() if dht is not None else None
+    dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if initial_state is not None else None
+    dhs = torch.empty(B, NT, H, K, V, device=q.device, dtype=torch.float32)
+    dvn = torch.empty(B, T, H, V, device=q.device, dtype=torch.float32)
+    _launch(
+        _bwd_state_kernel,
+        lambda meta: (triton.cdiv(V, meta["BV"]), B * H),
+        (q, k, s["w"], s["gamma"], do, dht, dh0, dhs, dvn, scale, T, NT),
+        dict(**common, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None),
+        dict(BV=min(32, c["BV_MAX"])),
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
+    dg = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
+    _launch(
+        _bwd_chunk_kernel,
+        (NT, B * H),
+        (q, k, v, beta, s["gamma"], s["w"], s["a_inv"], s["hs"], dhs, s["v_new"], dvn, do, dq, dk, dv, dbeta, dg, scale, T, NT),
+        common,
+        dict(BV=min(32, c["BV_MAX"])),
+    )
+    return dq, dk, dv, dg, dbeta, dh0
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
+        dtypes = (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype)
+        # one dtype for q, k, v keeps every tile product in one type
+        q, k, v = q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+        g, beta = g.contiguous(), beta.contiguous()
         o, ht = _chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale = scale
-        ctx.output_final_state = output_final_state
-        if ht is not None:
-            return o, ht
-        return o, None
+        ctx.scale, ctx.dtypes = scale, dtypes
+        return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        # recomputation through the differentiable reference: exact, but at the reference's cost
         q, k, v, g, beta, initial_state = ctx.saved_tensors
-        inputs = [x.detach().requires_grad_(True) for x in (q, k, v, g, beta)]
-        h0 = initial_state.detach().requires_grad_(True) if initial_state is not None else None
-        with torch.enable_grad():
-            o, ht = chunk_gated_delta_rule_ref(*inputs, ctx.scale, h0, ctx.output_final_state)
-            outputs, grads_out = [o], [do]
-            if ht is not None and dht is not None:
-                outputs.append(ht)
-                grads_out.append(dht)
-            wrt = inputs + ([h0] if h0 is not None else [])
-            grads = torch.autograd.grad(outputs, wrt, grads_out, allow_unused=True)
-        dq, dk, dv, dg, dbeta = grads[:5]
-        dh0 = grads[5] if h0 is not None else None
-        return dq, dk, dv, dg, dbeta, None, dh0, None
+        grads = _chunk_backward(q, k, v, g, beta, ctx.scale, initial_state, do, dht)
+        dq, dk, dv, dg, dbeta = (x.to(dtype) for x, dtype in zip(grads[:5], ctx.dtypes, strict=True))
+        return dq, dk, dv, dg, dbeta, None, grads[5], None
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):

@@ -21,7 +21,7 @@ from hydrabrain.kernels.gated_delta_rule.naive import (  # noqa: E402
 # relative error ||got - want|| / ||want||; fp32 kernels land near 1e-6
 FP32_OUTPUT_RTOL = 1e-5
 FP32_STATE_RTOL = 1e-5
-# the backward recomputes through the chunked reference; checked against the token-by-token one
+# gradients of q, k, v, g, beta and the initial state, against autograd through the token-by-token reference
 FP32_GRAD_RTOL = 1e-4
 # bf16 inputs, fp32 state: the chunk intermediates (W, U, chunk states) are kept in bf16
 BF16_OUTPUT_RTOL = 2e-2
@@ -118,20 +118,38 @@ def test_bf16_inputs_keep_an_fp32_state_and_stay_close_to_the_reference(kernel):
     assert rel_err(ht, ht_ref) < BF16_STATE_RTOL
 
 
-def test_the_chunk_kernel_backward_matches_autograd_through_the_token_by_token_reference():
-    inputs = make_inputs(1, 70, 2, 16, 60, with_state=True, seed=13)
-    ours = [x.clone().requires_grad_(True) for x in inputs]
-    theirs = [x.clone().requires_grad_(True) for x in inputs]
+@pytest.mark.parametrize(
+    "T,K,V,with_state,decay_scale",
+    [(1, 16, 60, True, 1.0), (63, 60, 16, False, 1.0), (130, 16, 60, True, 1.0), (130, 60, 60, False, 1.0), (63, 16, 16, True, 8.0)],
+    ids=["T1", "T63", "T130-state", "T130", "T63-steep-decay"],
+)
+def test_the_chunk_kernel_backward_matches_autograd_through_the_token_by_token_reference(T, K, V, with_state, decay_scale):
+    inputs = make_inputs(2, T, 2, K, V, with_state=with_state, seed=13 + T, decay_scale=decay_scale)
+    ours = [x.clone().requires_grad_(True) if x is not None else None for x in inputs]
+    theirs = [x.clone().requires_grad_(True) if x is not None else None for x in inputs]
     gen = torch.Generator().manual_seed(1)
-    do = torch.randn(1, 70, 2, 60, generator=gen)
-    dht = torch.randn(1, 2, 16, 60, generator=gen)
+    do = torch.randn(2, T, 2, V, generator=gen)
+    dht = torch.randn(2, 2, K, V, generator=gen)
 
     o, ht = chunk_gated_delta_rule(*ours[:5], None, ours[5], True)
     ((o * do).sum() + (ht * dht).sum()).backward()
     o_ref, ht_ref = recurrent_gated_delta_rule_ref(*theirs[:5], None, theirs[5], True)
     ((o_ref * do).sum() + (ht_ref * dht).sum()).backward()
 
-    for name, a, b in zip(("q", "k", "v", "g", "beta", "initial_state"), ours, theirs, strict=True):
+    names = ("q", "k", "v", "g", "beta", "initial_state")
+    for name, a, b in zip(names, ours, theirs, strict=True):
+        if a is not None:
+            assert torch.isfinite(a.grad).all(), name
+            assert rel_err(a.grad, b.grad) < FP32_GRAD_RTOL, name
+
+
+def test_the_chunk_kernel_backward_works_when_only_the_output_is_used():
+    inputs = make_inputs(1, 63, 2, 16, 16, with_state=False, seed=21)
+    ours = [x.clone().requires_grad_(True) for x in inputs[:5]]
+    theirs = [x.clone().requires_grad_(True) for x in inputs[:5]]
+    chunk_gated_delta_rule(*ours, None, None, False)[0].square().sum().backward()
+    recurrent_gated_delta_rule_ref(*theirs, None, None, False)[0].square().sum().backward()
+    for name, a, b in zip(("q", "k", "v", "g", "beta"), ours, theirs, strict=True):
         assert rel_err(a.grad, b.grad) < FP32_GRAD_RTOL, name
 
 
