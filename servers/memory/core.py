@@ -324,6 +324,7 @@ class MemoryService:
                 lesson = lessons.get(hit.id)
                 if lesson is None or (as_of_ts is not None and lesson.created_at > as_of_ts):
                     continue
+                score += w.lesson
                 items.append(RecallItem("lesson", lesson.id, lesson.text, score, lesson.polarity, to_iso(lesson.updated_at), None, list(lesson.evidence), None, signals))
             else:
                 episode = episodes.get(hit.id)

@@ -23,6 +23,7 @@ from hydrabrain.shared.retrieval import coverage
 class RankingWeights:
     recency: float = 0.004  # about a quarter of a rank-1 RRF contribution for a brand-new item
     fact: float = 0.006  # a current fact states the answer outright; prefer it to the episode it came from
+    lesson: float = 0.006  # a lesson distils several episodes; show it before any one of them
     entity: float = 0.008  # the query names the fact's subject or object
     stale: float = 0.5  # score factor for an episode whose facts are all superseded
     strong_cosine: float = 0.55  # this close in meaning is relevant whatever the words
