@@ -65,6 +65,8 @@ class WikiConfig(Section):
     allow_private_urls: bool = Field(False, description="Allow ingesting URLs that resolve to loopback or private addresses")
     max_source_bytes: int = Field(5_000_000, ge=1, description="Largest source accepted by ingest")
     fetch_timeout_s: float = Field(15.0, gt=0, description="Timeout for fetching a URL source")
+    min_sources_for_page: int = Field(2, ge=1, description="Sources that must mention an entity or concept before it gets its own page")
+    answer_threshold: float = Field(0.35, ge=0, le=1, description="Cosine similarity the best passage needs before `ask` treats the wiki as answering")
 
 
 class MemoryConfig(Section):
