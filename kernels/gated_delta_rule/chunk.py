@@ -227,7 +227,7 @@ def _bwd_state_kernel(
     PRECISION: tl.constexpr,
     DT: tl.constexpr,
 ):
-    """Chunks in reverse: the gradient reaching each chunk's end state, and the one reaching U - W S."""
+    # chunks in reverse: the gradient reaching each chunk's end state, and the one reaching U - W S
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_k = tl.arange(0, BK)
@@ -298,7 +298,7 @@ def _bwd_chunk_kernel(
     PRECISION: tl.constexpr,
     DT: tl.constexpr,
 ):
-    """One chunk, all parallel: dq, dk, dv, dbeta, dg from the states and state gradients around it."""
+    # one chunk, all parallel: dq, dk, dv, dbeta, dg from the states and state gradients around it
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = i_t * BT + tl.arange(0, BT)
