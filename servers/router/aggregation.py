@@ -132,6 +132,7 @@ class Aggregator:
         self.reserved = set(reserved or set())
         self.startup_timeout_s = startup_timeout_s
         self._tg: anyio.abc.TaskGroup | None = None
+        self._tool_table: tuple[tuple[int, ...], dict[str, tuple[Downstream, Any]]] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -233,6 +234,10 @@ class Aggregator:
 
     def tool_table(self) -> dict[str, tuple[Downstream, Any]]:
         """Exposed tool name -> (downstream, downstream tool); first mount wins a clash."""
+        # Rebuilt only when a listing changed: this sits on every proxied call's path.
+        version = tuple(id(ds.tools) for ds in self.downstreams.values())
+        if self._tool_table is not None and self._tool_table[0] == version:
+            return self._tool_table[1]
         table: dict[str, tuple[Downstream, Any]] = {}
         # Listings survive a restart, so a call during one gets a clear "restarting" error or waits for it.
         for ds in self.downstreams.values():
@@ -243,6 +248,7 @@ class Aggregator:
                 if name is None or name in self.reserved or name in table:
                     continue
                 table[name] = (ds, tool)
+        self._tool_table = (version, table)
         return table
 
     def prompt_table(self) -> dict[str, tuple[Downstream, Any]]:

@@ -118,8 +118,9 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
             raise ToolError(NO_PROVIDER)
         msgs = messages_arg(messages)
         try:
-            meta = ctx.request_context.meta
-            if json_schema is None and meta is not None and getattr(meta, "progress_token", None) is not None:
+            meta = ctx.request_context.meta or {}
+            wants_progress = meta.get("progress_token", meta.get("progressToken")) is not None
+            if json_schema is None and wants_progress:
                 # The caller asked for progress: pass the provider's stream through as progress messages.
                 final: Completion | None = None
                 pieces = 0

@@ -22,7 +22,7 @@ NAME = os.environ.get("ECHO_NAME", "echo")
 
 
 @server.tool()
-def echo(text: str) -> str:
+async def echo(text: str) -> str:
     """Return the text."""
     return f"{NAME}: {text}"
 
@@ -51,9 +51,15 @@ async def count(n: int, ctx: Context) -> str:
 
 
 @server.tool()
-async def sleep(seconds: float) -> str:
-    """Sleep, then answer (a hang when the seconds outlast the caller's patience)."""
-    await anyio.sleep(seconds)
+async def sleep(seconds: float, marker: str | None = None) -> str:
+    """Sleep, then answer (a hang when the seconds outlast the caller's patience); note a cancellation in `marker`."""
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        if marker:
+            with open(marker, "w") as fh:
+                fh.write("cancelled")
+        raise
     return "slept"
 
 

@@ -85,6 +85,7 @@ class FakeLLMServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as separate writes; don't wait on delayed ACKs
 
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 return

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from mcp import Client
@@ -189,3 +190,16 @@ async def test_an_in_process_server_can_be_mounted_and_its_errors_pass_through(s
         assert failed.is_error and text(failed).endswith("b must not be zero")
         with pytest.raises(MCPError):
             await client.read_resource("nowhere://x")
+
+
+async def test_a_cancelled_call_is_cancelled_downstream_too(settings, tmp_path):
+    marker = tmp_path / "cancelled"
+    router = build_server(router_settings(settings, stdio("ext")))
+    async with Client(router) as client:
+        with anyio.move_on_after(1):
+            await client.call_tool("ext_sleep", {"seconds": 30, "marker": str(marker)})
+        with anyio.move_on_after(10):
+            while not marker.exists():
+                await anyio.sleep(0.05)
+        assert marker.read_text() == "cancelled"
+        assert text(await client.call_tool("ext_echo", {"text": "alive"})) == "echo: alive"
