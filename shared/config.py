@@ -141,6 +141,7 @@ class RouterConfig(Section):
     exact_cache: bool = Field(True, description="Cache identical prompts")
     semantic_cache: bool = Field(False, description="Cache by embedding similarity (per tenant)")
     semantic_cache_threshold: float = Field(0.95, gt=0, le=1, description="Similarity needed for a semantic cache hit")
+    cache_ttl_s: float = Field(604_800.0, gt=0, description="How long a cached answer (exact or semantic) may be served")
     backoff_s: float = Field(0.5, ge=0, description="First retry delay when the provider sends no Retry-After; doubles per retry")
     max_retry_wait_s: float = Field(20.0, ge=0, description="Longest Retry-After honoured in place; a longer one cools the model down and falls back")
     json_repairs: int = Field(1, ge=0, description="Re-asks with the validation error before falling back when an answer breaks its JSON schema")

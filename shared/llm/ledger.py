@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS calls (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
+CREATE INDEX IF NOT EXISTS calls_tenant_ts ON calls(tenant, ts);
+CREATE INDEX IF NOT EXISTS calls_feature_ts ON calls(feature, ts);
 CREATE TABLE IF NOT EXISTS exact_cache (
     key TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -92,7 +94,7 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._semantic: dict[tuple[str, str], tuple[np.ndarray, list[int]]] = {}
+        self._semantic: dict[tuple[str, str], tuple[np.ndarray, list[int], float]] = {}
 
     def close(self) -> None:
         with self._lock:
@@ -151,9 +153,9 @@ class Ledger:
 
     # --- caches --------------------------------------------------------------------------------
 
-    def exact_get(self, key: str) -> dict[str, Any] | None:
+    def exact_get(self, key: str, ttl_s: float) -> dict[str, Any] | None:
         with self._lock:
-            row = self._db.execute("SELECT answer FROM exact_cache WHERE key = ?", (key,)).fetchone()
+            row = self._db.execute("SELECT answer FROM exact_cache WHERE key = ? AND created >= ?", (key, time.time() - ttl_s)).fetchone()
         return json.loads(row[0]) if row else None
 
     def exact_put(self, key: str, tenant: str, answer: dict[str, Any]) -> None:
@@ -163,20 +165,24 @@ class Ledger:
                 (key, tenant, json.dumps(answer), time.time()),
             )
 
-    def _semantic_matrix(self, tenant: str, scope: str) -> tuple[np.ndarray, list[int]]:
+    def _semantic_matrix(self, tenant: str, scope: str, ttl_s: float) -> tuple[np.ndarray, list[int]]:
         cached = self._semantic.get((tenant, scope))
+        if cached is not None and cached[2] < time.time() - ttl_s:
+            cached = None  # the oldest entry has expired: reload without it
         if cached is None:
-            rows = self._db.execute("SELECT id, vector FROM semantic_cache WHERE tenant = ? AND scope = ?", (tenant, scope)).fetchall()
+            rows = self._db.execute("SELECT id, vector, created FROM semantic_cache WHERE tenant = ? AND scope = ? AND created >= ?",
+                                    (tenant, scope, time.time() - ttl_s)).fetchall()
             ids = [r[0] for r in rows]
             matrix = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
-            cached = (matrix, ids)
+            oldest = min((r[2] for r in rows), default=float("inf"))
+            cached = (matrix, ids, oldest)
             self._semantic[(tenant, scope)] = cached
         return cached
 
-    def semantic_get(self, tenant: str, scope: str, vector: np.ndarray, threshold: float) -> tuple[dict[str, Any], float] | None:
+    def semantic_get(self, tenant: str, scope: str, vector: np.ndarray, threshold: float, ttl_s: float) -> tuple[dict[str, Any], float] | None:
         """The closest cached answer of this tenant and scope if its cosine reaches the threshold."""
         with self._lock:
-            matrix, ids = self._semantic_matrix(tenant, scope)
+            matrix, ids, _ = self._semantic_matrix(tenant, scope, ttl_s)
             if not ids:
                 return None
             scores = matrix @ vector.astype(np.float32)

@@ -268,7 +268,8 @@ class LLM:
             room = self.ledger.budget_room(budget, tenant, feature)
             if room is None:
                 continue
-            if candidate.estimated_cost_usd > room or room <= 0 and candidate.estimated_cost_usd > 0:
+            # A free model adds no spend, so a spent budget still lets it answer.
+            if candidate.estimated_cost_usd > 0 and candidate.estimated_cost_usd > room:
                 scope = ", ".join(f"{k}={v}" for k, v in (("tenant", budget.tenant), ("feature", budget.feature)) if v) or "all calls"
                 spent = budget.limit_usd - room
                 return (f"the {budget.period} budget for {scope} (${budget.limit_usd:.4f}) has ${spent:.4f} spent and "
@@ -296,13 +297,13 @@ class LLM:
 
         key = _cache_key(scope_tenant, task, msgs, max_tokens)
         if self.config.exact_cache:
-            hit = self.ledger.exact_get(key)
+            hit = self.ledger.exact_get(key, self.config.cache_ttl_s)
             if hit is not None:
                 return self._from_cache(hit, "exact", tenant, feature, task, run)
         vector = None
         if self.config.semantic_cache and self.settings is not None:
             vector, scope = self._semantic_vector(task, msgs, max_tokens)
-            found = self.ledger.semantic_get(scope_tenant, scope, vector, self.config.semantic_cache_threshold)
+            found = self.ledger.semantic_get(scope_tenant, scope, vector, self.config.semantic_cache_threshold, self.config.cache_ttl_s)
             if found is not None:
                 return self._from_cache(found[0], "semantic", tenant, feature, task, run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import pytest
 from fake_providers import anthropic_fake, hang, malformed, ok, openai_fake, provider, status, with_providers  # noqa: F401
@@ -250,3 +251,22 @@ async def test_a_stream_falls_back_when_the_first_model_fails_before_any_text(se
     llm = llm_from_settings(with_providers(settings, provider(openai_fake, "p", CHEAP), provider(anthropic_fake, "a", CLAUDE), quality="cheapest"))
     events = [e async for e in llm.stream(prompt="go")]
     assert events[-1].completion.provider == "a" and "500" in events[-1].completion.fallbacks_tried[0]
+
+
+async def test_a_cached_answer_expires_after_the_cache_ttl(settings, openai_fake):
+    llm = llm_from_settings(with_providers(settings, provider(openai_fake, "p", CHEAP), cache_ttl_s=0.3))
+    await llm.complete(prompt="fresh?")
+    assert (await llm.complete(prompt="fresh?")).cached == "exact"
+    time.sleep(0.4)
+    assert (await llm.complete(prompt="fresh?")).cached is None
+    assert len(openai_fake.calls()) == 2
+
+
+async def test_a_spent_budget_still_lets_a_free_local_model_answer(settings, openai_fake):
+    local = ModelPrice(name="local", context_window=8192, tasks={"general": 1})
+    openai_fake.script("smart", ok("paid", input_tokens=10_000, output_tokens=1000))
+    budget = BudgetConfig(period="total", limit_usd=0.01)
+    llm = llm_from_settings(with_providers(settings, provider(openai_fake, "p", SMART, local), budgets=[budget], quality="best", exact_cache=False))
+    assert (await llm.complete(prompt="first")).model == "smart"  # $0.045: the budget is now spent
+    second = await llm.complete(prompt="second")
+    assert second.model == "local" and second.cost_usd == 0 and "refused" in second.fallbacks_tried[0]
