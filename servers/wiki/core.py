@@ -60,7 +60,7 @@ NAVIGATION_SECTIONS = frozenset({"related", "sections", "mentioned in", "backlin
 _QUESTION_NOISE = frozenset(
     "many much tell know explain describe give list please show find need needs mean means happen happens "
     "happened also still just currently get got one ones something anything thing things way ways "
-    "use uses used using work works make makes kind sort".split()
+    "use uses used using work works make makes kind sort long often quickly fast soon".split()
 )
 
 
