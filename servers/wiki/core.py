@@ -156,6 +156,8 @@ class Wiki:
         if re.match(r"^https?://", stripped, re.I) and "\n" not in stripped:
             fetched = fetch_url(stripped, timeout=self.config.fetch_timeout_s, max_bytes=limit, allow_private=self.config.allow_private_urls, setting="wiki.allow_private_urls")
             name = stripped.rstrip("/").rsplit("/", 1)[-1] or stripped
+            if fetched.content_type in {"text/html", "application/xhtml+xml"} and fetched.text.strip():
+                name = fetched.text.strip().splitlines()[0][:80]  # the page's <title>, which cleaning puts first
             return fetched.text, fetched.url, name
         if _looks_like_path(stripped):
             roots = self.config.allowed_roots or [Path.cwd()]

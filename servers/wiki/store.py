@@ -35,7 +35,8 @@ class GitError(RuntimeError):
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    # Milliseconds, so a page written and a source re-ingested within one second still order correctly.
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def sha256(text: str) -> str:
