@@ -31,7 +31,7 @@ from hydrabrain.kernels.gated_delta_rule.fused_recurrent import INTERPRETED, _ch
 CHUNK = 64
 
 
-@_maybe_autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)], key=["K", "V"])
+@_maybe_autotune(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)], key=["K", "V"])
 @triton.jit
 def _prepare_kernel(
     k, v, g, beta, gamma, w, u, a_inv,
@@ -100,7 +100,7 @@ def _prepare_kernel(
 
 
 @_maybe_autotune(
-    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (16, 32, 64) for nw in (2, 4, 8) for s in (1, 2, 3)],
+    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (16, 32, 64) for nw in (4, 8) for s in (1, 2)],
     key=["K", "V"],
 )
 @triton.jit
@@ -156,7 +156,7 @@ def _state_kernel(
 
 
 @_maybe_autotune(
-    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (32, 64, 128) for nw in (2, 4, 8) for s in (1, 2, 3)],
+    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (32, 64) for nw in (4, 8) for s in (1, 2)],
     key=["K", "V"],
 )
 @triton.jit
@@ -279,7 +279,8 @@ def _bwd_state_kernel(
 
 
 @_maybe_autotune(
-    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (16, 32, 64) for nw in (4, 8) for s in (1, 2)],
+    # the full-K gradient tiles fill the register file: only the widest CTAs, narrow V slices
+    configs=[triton.Config({"BV": bv}, num_warps=8, num_stages=1) for bv in (16, 32)],
     key=["K", "V"],
 )
 @triton.jit
@@ -309,14 +310,14 @@ def _bwd_chunk_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     o_i = tl.arange(0, BT)
 
-    b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    # q and k stay in their stored dtype until used: this kernel is the register-hungry one
+    b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     b_beta = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
     b_gamma = tl.load(gamma + row, mask=m_t, other=0.0)
     last = tl.minimum(T, (i_t + 1) * BT) - 1
     b_glast = tl.load(gamma + (i_b * T + last) * H + i_h)
-    b_inv = tl.load(a_inv + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
-    b_inv_t = tl.trans(b_inv).to(DT)
+    b_inv_t = tl.trans(tl.load(a_inv + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)).to(DT)
 
     incl = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
@@ -363,12 +364,12 @@ def _bwd_chunk_kernel(
     b_dk = tl.dot(tl.trans(b_dme).to(DT), b_q.to(DT), input_precision=PRECISION)
     b_p = b_dme * b_qk  # dM * M
     b_dgamma = tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
-    b_dgamma += tl.sum(b_q * b_dqs, axis=1) * b_eg * scale
+    b_dgamma += tl.sum(b_q.to(tl.float32) * b_dqs, axis=1) * b_eg * scale
 
     # the hand-off to the next chunk: S' = exp(gamma_last) S + (K * exp(gamma_last - gamma))^T (U - W S)
     b_tail = tl.where(m_t, tl.exp(b_glast - b_gamma), 0.0)
     b_dk += b_dkd * b_tail[:, None]
-    b_dtail = tl.sum(b_dkd * b_k, axis=1) * b_tail
+    b_dtail = tl.sum(b_dkd * b_k.to(tl.float32), axis=1) * b_tail
     b_dgamma -= b_dtail
     b_dglast = tl.sum(b_dtail, axis=0) + tl.exp(b_glast) * tl.sum(b_sds, axis=0)
 
@@ -376,10 +377,10 @@ def _bwd_chunk_kernel(
     b_kscale = b_beta * b_eg
     b_dkb = tl.dot(b_inv_t, b_dw.to(DT), input_precision=PRECISION)
     b_dk += b_dkb * b_kscale[:, None]
-    b_dks = tl.sum(b_dkb * b_k, axis=1)
+    b_dks = tl.sum(b_dkb * b_k.to(tl.float32), axis=1)
     b_dbeta += b_dks * b_eg
     b_dgamma += b_dks * b_kscale
-    b_dinv += tl.dot(b_dw.to(DT), tl.trans(b_k * b_kscale[:, None]).to(DT), input_precision=PRECISION)
+    b_dinv += tl.dot(b_dw.to(DT), tl.trans(b_k.to(tl.float32) * b_kscale[:, None]).to(DT), input_precision=PRECISION)
 
     # T = (I + A)^-1, so dA = -T^T dT T^T, kept on the strictly lower part where A lives
     b_da = tl.dot(b_dinv.to(DT), b_inv_t, input_precision=PRECISION)

@@ -147,7 +147,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
         q, k_cache, v_cache, block_tables, seq_lens, m_part, l_part, acc_part,
         float(scale), max_blocks, tokens_per_split, splits,
         HQ=HQ, HKV=HKV, D=D, BLOCK_SIZE=block_size, GROUP=group, BG=BG, BD=BD, BN=BN, DT=dt,
-        num_warps=4, num_stages=2,
+        num_warps=4 if INTERPRETED else 8, num_stages=2,
     )
     out = torch.empty_like(q)
     _paged_decode_merge_kernel[(B * HQ,)](m_part, l_part, acc_part, out, splits, D=D, BS=max(2, triton.next_power_of_2(splits)), BD=BD)

@@ -96,11 +96,11 @@ def triattention_score(k_cache, block_table, seq_len, q_mean, q_abs_mean, inv_fr
     spread = (q_abs_mean.float() - torch.sqrt(mu_re**2 + mu_im**2)).clamp_min(0.0).contiguous()
 
     group = HQ // HKV
-    BN = 32 if INTERPRETED else 128
+    BN = 32 if INTERPRETED else 64
     _triattention_score_kernel[(triton.cdiv(seq_len, BN), HKV)](
         k_cache.contiguous(), block_table.to(torch.int32).contiguous(), a_re, a_im, spread, out, seq_len,
         HQ=HQ, HKV=HKV, D=D, HALF=half, BLOCK_SIZE=block_size, GROUP=group,
         BG=max(16, triton.next_power_of_2(group)), BH=max(16, triton.next_power_of_2(half)), BN=BN,
-        num_warps=4,
+        num_warps=8,
     )
     return out
