@@ -534,7 +534,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     """Chunked gated delta rule on the GPU, differentiable. Returns (o in v's dtype, fp32 final state or None)."""
     _check_launchable(q)
     _check_shapes(q, k, v, g, beta, initial_state)
-    K = q.shape[-1]
+    B, T, H, K = q.shape
+    if T == 0:  # nothing to launch: the state passes through, as in the token-by-token reference
+        state = initial_state.to(torch.float32) if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32)
+        return v.new_zeros(B, 0, H, v.shape[-1]), (state if output_final_state else None)
     scale = K**-0.5 if scale is None else float(scale)
     out_dtype = v.dtype
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -98,6 +98,14 @@ def test_a_final_state_is_returned_only_when_asked_for(kernel):
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_an_empty_sequence_passes_the_state_through(kernel):
+    q, k, v, g, beta, h0 = make_inputs(2, 0, 2, 16, 60, with_state=True)
+    o, ht = KERNELS[kernel](q, k, v, g, beta, None, h0, True)
+    assert o.shape == (2, 0, 2, 60)
+    assert torch.equal(ht, h0)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_steep_decay_neither_overflows_nor_loses_the_state(kernel):
     # gamma spans hundreds of nats inside a chunk: exp(gamma_i - gamma_j) above the diagonal would overflow
     q, k, v, g, beta, h0 = make_inputs(1, 130, 2, 16, 60, with_state=True, seed=11, decay_scale=8.0)
