@@ -10,7 +10,9 @@ from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import anyio
+from mcp import types
 from mcp.server import MCPServer
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.resources.types import FunctionResource
@@ -40,6 +42,7 @@ class WikiState:
     wiki: Wiki | None = None
     connections: int = 0
     listed: set[str] = field(default_factory=set)  # page slugs registered as listed resources
+    client_log_level: str = "info"  # set by a client's logging/setLevel; lower levels are not sent
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def require(self) -> Wiki:
@@ -69,6 +72,14 @@ def build_server(settings: Settings) -> MCPServer[Any]:
 
     server = new_server("wiki", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings)
 
+    async def set_logging_level(_: ServerRequestContext, params: types.SetLevelRequestParams) -> types.EmptyResult:
+        state.client_log_level = params.level
+        return types.EmptyResult()
+
+    # MCPServer has no decorator for logging/setLevel (deprecated in the 2026-07-28 revision), and
+    # clients on the 2025 revisions still send it, so the handler goes on the low-level server.
+    server._lowlevel_server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_logging_level)
+
     @server.tool()
     async def ingest(
         ctx: Context,
@@ -78,6 +89,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         """Store a source, index it, and compile its page and the entity/concept pages it feeds."""
         state = _state(ctx)
         result = await _run(state.require().ingest, source, title)
+        await _client_log(ctx, state, "warning" if result.warnings else "info", f"ingest {result.source_id}: {result.status}" + "".join(f"; {w}" for w in result.warnings))
         await _announce(ctx, state, result.pages_created, result.pages_updated, [result.source_id] if result.status != "unchanged" else [])
         return result
 
@@ -123,6 +135,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         """Lint and apply the safe fixes (index, backlinks, stubs, stale marks); lists what needs a writer."""
         state = _state(ctx)
         result = await _run(state.require().maintain)
+        await _client_log(ctx, state, "info", f"maintain: {len(result.stubs_created)} stubs, {len(result.marked_stale)} marked stale, {len(result.needs_writer)} items need a writer")
         await _announce(ctx, state, result.stubs_created, sorted(set(result.marked_stale) | set(result.marked_unsupported)), [])
         return result
 
@@ -206,6 +219,17 @@ def _list_pages(server: MCPServer[Any], state: WikiState, pages: dict) -> bool:
         state.listed.add(slug)
         grew = True
     return grew
+
+
+_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+async def _client_log(ctx: Context, state: WikiState, level: str, message: str) -> None:
+    """A log notification for the client, at or above the level it asked for."""
+    if _LEVELS.index(level) < _LEVELS.index(state.client_log_level):
+        return
+    with contextlib.suppress(Exception):  # a client that takes no log messages is not an error
+        await ctx.log(level, message, logger_name="hydrabrain.wiki")  # type: ignore[arg-type]
 
 
 def _read_listed_page(state: WikiState, slug: str) -> str:
