@@ -146,7 +146,7 @@ class Engine:
             raise RequestRejected(f"kv_budget must be at least {self.sinks + self.recent} tokens (sinks plus the recent window)")
         worst = len(prompt_ids) + params.max_tokens
         if budget is not None:
-            worst = min(worst, budget + self.compaction_interval + self.prefill_chunk)
+            worst = min(worst, budget + max(self.compaction_interval, self.prefill_chunk) + 1)
         need = math.ceil(worst / BLOCK_SIZE)
         if need > self.cache.pool.num_blocks:
             raise RequestRejected(
@@ -183,7 +183,7 @@ class Engine:
             r.prefilled += len(chunk)
             r.next_position = r.prefilled
             r.since_compaction += len(chunk)
-            self._maybe_compact(r, prefill_done=r.prefilled == len(r.prompt))
+            self._maybe_compact(r, after_prefill_chunk=True)
             if r.prefilled == len(r.prompt):
                 produced[r.id] = self._sample(r, logits)
 
@@ -199,7 +199,7 @@ class Engine:
                 r.next_position += 1
                 r.since_compaction += 1
                 produced[r.id] = self._sample(r, logits[row])
-                self._maybe_compact(r, prefill_done=False)
+                self._maybe_compact(r, after_prefill_chunk=False)
 
         for r in list(self.running):
             r.stats.peak_blocks = max(r.stats.peak_blocks, self.cache.blocks_held(r.id))
@@ -232,12 +232,14 @@ class Engine:
             self.cache.add(r.id)
             self.running.append(r)
 
-    def _maybe_compact(self, r: _Request, prefill_done: bool) -> None:
+    def _maybe_compact(self, r: _Request, after_prefill_chunk: bool) -> None:
+        """Compact after every prefill chunk once over budget, then every ``compaction_interval`` decoded tokens."""
+        r.stats.peak_blocks = max(r.stats.peak_blocks, self.cache.blocks_held(r.id))
         budget = r.params.kv_budget
         length = self.cache.length(r.id)
         if budget is None or self.stats is None or length <= budget:
             return
-        if not (prefill_done or r.since_compaction >= self.compaction_interval or length >= budget + self.compaction_interval):
+        if not after_prefill_chunk and r.since_compaction < self.compaction_interval:
             return
         started = time.perf_counter()
         keep = plan_compaction(self.cache, r.id, self.stats, r.next_position, budget, self.sinks, self.recent)
