@@ -117,6 +117,7 @@ class DownstreamConfig(Section):
     hide: list[str] = Field(default_factory=list, description="Downstream tool names to hide")
     rename: dict[str, str] = Field(default_factory=dict, description="Downstream tool name -> exposed name")
     timeout_s: float | None = Field(None, gt=0, description="Longest wait for one call before the server counts as hung and is restarted; unset uses router.call_timeout_s")
+    env: list[str] = Field(default_factory=list, description="Names of environment variables passed on to the stdio command (values come from the router's environment)")
 
 
 class BudgetConfig(Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import time
 import warnings
@@ -98,7 +99,9 @@ def external_mount(config: DownstreamConfig, default_timeout_s: float) -> Mount:
     if bool(config.command) == bool(config.url):
         raise ValueError(f"router.downstream '{config.prefix}' needs exactly one of `command` (stdio) or `url` (streamable HTTP)")
     if config.command:
-        params = StdioServerParameters(command=config.command[0], args=list(config.command[1:]))
+        # The SDK starts the command with a minimal environment; pass on only what config names.
+        env = {name: os.environ[name] for name in config.env if name in os.environ}
+        params = StdioServerParameters(command=config.command[0], args=list(config.command[1:]), env=env or None)
 
         def connect(**kw: Any) -> Client:
             return Client(params, cache=None, **kw)

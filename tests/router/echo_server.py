@@ -34,6 +34,12 @@ def add(a: int, b: int) -> int:
 
 
 @server.tool()
+def getenv(name: str) -> str:
+    """An environment variable of the server process, or 'unset'."""
+    return os.environ.get(name, "unset")
+
+
+@server.tool()
 def pid() -> int:
     """The server's process id."""
     return os.getpid()

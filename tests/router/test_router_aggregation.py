@@ -119,8 +119,17 @@ async def test_a_streamable_http_server_is_mounted_by_url(settings, http_echo):
         assert text(await client.call_tool("web_echo", {"text": "over http"})) == "http-echo: over http"
 
 
+async def test_a_stdio_server_gets_only_the_environment_variables_config_names(settings, monkeypatch):
+    monkeypatch.setenv("ECHO_NAME", "named-echo")
+    monkeypatch.setenv("SECRET_TOKEN", "do-not-leak")
+    async with Client(build_server(router_settings(settings, stdio("a", env=["ECHO_NAME"]), stdio("b")))) as client:
+        assert text(await client.call_tool("a_echo", {"text": "x"})) == "named-echo: x"
+        assert text(await client.call_tool("b_echo", {"text": "x"})) == "echo: x"
+        assert text(await client.call_tool("a_getenv", {"name": "SECRET_TOKEN"})) == "unset"
+
+
 async def test_config_hides_and_renames_downstream_tools(settings):
-    downstream = stdio("ext", hide=["crash", "sleep"], rename={"echo": "say"})
+    downstream = stdio("ext", hide=["crash", "sleep", "getenv"], rename={"echo": "say"})
     router = build_server(router_settings(settings, downstream, hide=["ext_pid"], rename={"ext_add": "plus"}))
     async with Client(router) as client:
         names = {t.name for t in (await client.list_tools()).tools}
