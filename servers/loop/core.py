@@ -349,29 +349,34 @@ class Loop:
         previous = self.store.verdicts(finding.finding_id, 1)
         if previous and previous[0].fingerprint == print_:
             prior = previous[0]
-            return VerifyResult(finding_id=finding.finding_id, verdict=prior.verdict, reasons=prior.reasons, cached=True,
-                                branch=finding.branch, worktree=str(worktree), test_log=prior.test_log)
+            result = VerifyResult(finding_id=finding.finding_id, verdict=prior.verdict, reasons=prior.reasons, cached=True,
+                                  branch=finding.branch, worktree=str(worktree), test_log=prior.test_log)
+            # A process killed between recording a verdict and acting on it finishes the job here.
+            return self._settle(finding, root, worktree, result)
         log_dir = self._log_dir(run_id or f"verify-{int(time.time())}-{secrets.token_hex(3)}")
         check = verify_worktree(finding, worktree, finding.base_commit, self.settings, log_dir, budget.remaining())
         if check.test is not None:
             budget.spend(check.test.duration_s)
-        stamp = now()
         self.store.add_verdict(Verdict(
             finding_id=finding.finding_id, verdict=check.verdict, reasons=check.reasons, fingerprint=print_,  # type: ignore[arg-type]
             test_exit=check.test.exit_code if check.test else None, test_log=str(check.test.log_path) if check.test else None,
-            review=check.review, run_id=run_id, created=stamp,
+            review=check.review, run_id=run_id, created=now(),
         ))
+        log_event(log, "verify", finding=finding.finding_id, verdict=check.verdict)
         result = VerifyResult(finding_id=finding.finding_id, verdict=check.verdict, reasons=check.reasons, branch=finding.branch,
                               worktree=str(worktree), test_log=str(check.test.log_path) if check.test else None)
-        if check.verdict == "PASS":
+        return self._settle(finding, root, worktree, result)
+
+    def _settle(self, finding: Finding, root: Path, worktree: Path, result: VerifyResult) -> VerifyResult:
+        """Act on a verdict, idempotently: PASS commits on the branch and removes the worktree, FAIL keeps it."""
+        if result.verdict == "PASS":
             commit = commit_all(worktree, f"loop: {finding.title}\n\nFinding {finding.finding_id}, verified by the loop.")
             remove_worktree(root, worktree)
-            self.store.update_finding(finding.finding_id, stamp, status="passed", last_verdict="PASS", result_commit=commit,
+            self.store.update_finding(finding.finding_id, now(), status="passed", last_verdict="PASS", result_commit=commit,
                                       worktree=None, closed_reason="verified")
             result.result_commit, result.worktree = commit, None
-        else:
-            self.store.update_finding(finding.finding_id, stamp, status="failed", last_verdict="FAIL", attempts=finding.attempts + 1)
-        log_event(log, "verify", finding=finding.finding_id, verdict=check.verdict)
+        elif not result.cached or finding.last_verdict != "FAIL":
+            self.store.update_finding(finding.finding_id, now(), status="failed", last_verdict="FAIL", attempts=finding.attempts + 1)
         return result
 
     # --- close -------------------------------------------------------------------------------

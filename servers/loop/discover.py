@@ -159,7 +159,7 @@ def discover_tests(root: Path, cfg: LoopConfig, log_dir: Path, budget_s: float) 
 
 
 def _scope_from_text(root: Path, text: str, tracked: set[str]) -> list[str]:
-    named = sorted({tok.strip("./") for tok in PATH_TOKEN.findall(text)} & tracked)
+    named = sorted({tok.removeprefix("./") for tok in PATH_TOKEN.findall(text)} & tracked)
     return [*named, *TEST_GLOBS] if named else ["**"]
 
 

@@ -260,6 +260,22 @@ def test_the_loop_budget_caps_the_findings_one_cycle_works_on(make_repo, kit, se
     assert report.discovered >= 4 and len(report.plan) == 2
 
 
+def test_the_command_budget_ends_a_runaway_cycle_and_says_so(make_repo, kit, settings):
+    settings.loop.test_command = ["true"]
+    repo = make_repo()
+    for n in range(3):
+        kit.commit_file(repo, f"mod{n}.py", f"X = {n}  # TODO: item {n}\n", f"mod {n}")
+    settings.loop.implementer_command = ["true"]
+    settings.loop.max_commands_per_cycle = 2  # the discovery test run and one implementer run
+    loop = Loop(settings)
+    report = loop.run_once(repo)
+    assert report.stopped and "command budget" in report.stopped
+    first, *rest = report.plan
+    assert report.verdicts[first].startswith("not verified")
+    assert not any(f in report.verdicts for f in rest)
+    assert loop.store.run(report.run_id).summary["stopped"] == report.stopped
+
+
 def test_markdown_issues_become_findings_and_their_text_is_never_run(make_repo, kit, tmp_path, settings):
     settings.loop.test_command = ["true"]  # these tests are about other sources
     repo = make_repo()
