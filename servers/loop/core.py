@@ -129,8 +129,9 @@ class StatusResult(BaseModel):
 
 
 def rank(findings: list[Finding]) -> list[Finding]:
-    """Score first; a problem seen in many runs outranks a one-off; then oldest first."""
-    return sorted(findings, key=lambda f: (-(f.score + min(f.seen_count, 10)), f.first_seen, f.finding_id))
+    """Score first; a problem seen in many runs outranks a one-off; each failed attempt costs a little,
+    so one stubborn finding cannot take every cycle's budget; then oldest first."""
+    return sorted(findings, key=lambda f: (-(f.score + min(f.seen_count, 10) - 15 * f.attempts), f.first_seen, f.finding_id))
 
 
 class _Budget:

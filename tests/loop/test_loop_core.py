@@ -369,3 +369,46 @@ def test_a_passed_finding_cannot_be_handed_off_again_and_close_removes_a_worktre
     assert closed.status == "closed" and not path.exists()
     with pytest.raises(LoopError, match="closed"):
         loop.handoff(todo.finding_id)
+
+
+def test_a_verdict_recorded_just_before_a_crash_is_acted_on_by_the_next_verify(make_repo, kit, monkeypatch, settings):
+    import hydrabrain.servers.loop.core as core
+
+    repo = make_repo()
+    loop = Loop(settings)
+    finding = _failing_test(loop.discover(repo))
+    worktree = Path(loop.handoff(finding.finding_id).path)
+    (worktree / "calc.py").write_text(kit.fixed)
+
+    def die(*args, **kwargs):
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(core, "commit_all", die)
+    with pytest.raises(SystemExit):
+        loop.verify(finding.finding_id)
+    assert loop.store.finding(finding.finding_id).status == "handed_off"  # the verdict is stored, not yet acted on
+    monkeypatch.undo()
+
+    again = Loop(settings).verify(finding.finding_id)
+    assert again.verdict == "PASS" and again.cached
+    assert loop.store.finding(finding.finding_id).status == "passed" and not worktree.exists()
+
+
+def test_junit_reports_from_ci_are_read_instead_of_running_the_tests(make_repo, kit, tmp_path, settings):
+    repo = make_repo()
+    report = (
+        '<?xml version="1.0"?><testsuites><testsuite name="ci" tests="2" failures="1">'
+        '<testcase classname="integration.test_api" name="test_login" file="integration/test_api.py">'
+        '<failure message="502 from the auth service">stack trace</failure></testcase>'
+        '<testcase classname="integration.test_api" name="test_logout"/>'
+        "</testsuite></testsuites>"
+    )
+    kit.commit_file(repo, "reports/junit.xml", report, "ci report")
+    settings.loop.junit_paths = ["reports/*.xml"]
+    settings.loop.test_command = [sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"]
+    found = Loop(settings).discover(repo)
+    tests = [f for f in found.findings if f.kind == "failing_test"]
+    assert [f.key for f in tests] == ["integration.test_api::test_login"]
+    assert "502 from the auth service" in tests[0].detail
+    assert tests[0].protected == ["integration/test_api.py"]
+    assert not (tmp_path / "ran").exists()
