@@ -66,7 +66,7 @@ async def _off_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run blocking loop work in a worker thread; anticipated failures reach the caller as readable errors."""
     try:
         return await anyio.to_thread.run_sync(fn, *args)
-    except (LoopError, GitError, CommandNotFound) as exc:
+    except (LoopError, GitError, CommandNotFound, OSError) as exc:
         # The SDK hides a plain exception's text from the model; these messages are written for it.
         raise ToolError(str(exc)) from exc
 
