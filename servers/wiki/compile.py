@@ -171,7 +171,8 @@ def build_source_page(source: SourceInfo, text: str, term_pages: Mapping[str, st
     headings = [strip_markup(m.group(2)).strip() for m in HEADING_RE.finditer(body) if len(m.group(1)) >= 2]
 
     out = [f"# {source.title}", ""]
-    out.append(f"*Source page for `{source.origin}`, version {source.version}" + (f", dated {source.dated}" if source.dated else "") + ".*")
+    shown = source.origin if "://" in source.origin or source.origin == "text" else source.origin.replace("\\", "/").rsplit("/", 1)[-1]
+    out.append(f"*Source page for `{shown}`, version {source.version}" + (f", dated {source.dated}" if source.dated else "") + ".*")
     out.append("")
     if lead:
         out.append(" ".join(_cite(s, source.id) for s in lead))
