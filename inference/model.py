@@ -49,6 +49,10 @@ class HydraHeadConfig(PreTrainedConfig):
     # "GGFG" = group 2 of that layer keeps softmax attention. None means all full attention.
     layer_heads: list[str] | None = None
     conv_size: int = 4  # taps of the short causal convolution on GDN q/k/v
+    # Give FA heads the same short convolution on q/k/v (linear, identity at init). Off keeps them
+    # exactly Llama attention; on, a key can carry its neighbour's token, which lets small models
+    # learn associative recall in far fewer steps, and FA and GDN heads then differ only in the rule.
+    fa_conv: bool = False
     rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
     rope_theta: float = 10000.0  # RoPE base (FA heads only; GDN heads need no positions)
     max_position_embeddings: int = 8192  # longest sequence the RoPE table is meant for
@@ -102,10 +106,13 @@ class HydraHeadConfig(PreTrainedConfig):
         for layer in range(self.num_hidden_layers):
             fa, gdn = len(self.fa_groups(layer)), len(self.gdn_groups(layer))
             total += 2 * fa * D * seq_len * kv_bytes
+            conv_channels = 0
             if gdn:
                 total += gdn * self.queries_per_group * D * D * 4  # one (K, V) state per GDN query head
-                conv_channels = gdn * (self.queries_per_group + 2) * D
-                total += conv_channels * (self.conv_size - 1) * kv_bytes
+                conv_channels += gdn * (self.queries_per_group + 2) * D
+            if fa and self.fa_conv:
+                conv_channels += fa * (self.queries_per_group + 2) * D
+            total += conv_channels * (self.conv_size - 1) * kv_bytes
         return total
 
     @staticmethod
@@ -171,8 +178,8 @@ class HybridCache:
     """What generation carries between steps, per layer: K/V of the FA groups, state of the GDN heads.
 
     ``keys[l]`` / ``values[l]``: (B, G_fa, T, D), contiguous and grown by concatenation (the paged
-    cache belongs to the engine). ``states[l]``: (B, H_gdn, D, D) fp32. ``convs[l]``: (B, C,
-    conv_size - 1), the last pre-convolution inputs of the GDN q/k/v channels.
+    cache belongs to the engine). ``states[l]``: (B, H_gdn, D, D) fp32. ``convs[l]`` /
+    ``fa_convs[l]``: (B, C, conv_size - 1), the last pre-convolution inputs of the GDN (FA) q/k/v.
     """
 
     def __init__(self, num_layers: int):
@@ -180,10 +187,11 @@ class HybridCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.states: list[torch.Tensor | None] = [None] * num_layers
         self.convs: list[torch.Tensor | None] = [None] * num_layers
+        self.fa_convs: list[torch.Tensor | None] = [None] * num_layers
         self.seen_tokens = 0
 
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.values, *self.states, *self.convs]
+        tensors = [*self.keys, *self.values, *self.states, *self.convs, *self.fa_convs]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -211,6 +219,8 @@ class HydraAttention(nn.Module):
         # and all variants of a model have the same parameter count up to the small GDN extras
         self.gate_proj = nn.Linear(d, H * D, bias=False)
         self.head_gain = nn.Parameter(torch.ones(H))
+        if self.fa_groups and config.fa_conv:
+            self.fa_conv_weight = nn.Parameter(torch.zeros((len(self.fa_queries) + 2 * len(self.fa_groups)) * D, config.conv_size))
         if self.gdn_groups:
             n_gdn = len(self.gdn_groups)
             channels = (len(self.gdn_queries) + 2 * n_gdn) * D  # q of its query heads, k and v of its groups
@@ -239,6 +249,8 @@ class HydraAttention(nn.Module):
 
     def _full_attention(self, q, k, v, positions, cache):
         """Causal softmax attention with RoPE and GQA. q (B, T, Hf, D), k/v (B, T, Gf, D) -> (B, T, Hf, D)."""
+        if self.config.fa_conv:
+            q, k, v = self._short_conv(q, k, v, self.fa_conv_weight, None if cache is None else cache.fa_convs, activation=False)
         cos, sin = rope_tables(positions, q.shape[-1], self.config.rope_theta, q.dtype)
         q = q * cos[:, None] + rotate_half(q) * sin[:, None]
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
@@ -257,29 +269,34 @@ class HydraAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, Hf, T, D)
         return out.transpose(1, 2)  # (B, T, Hf, D)
 
-    def _gated_delta(self, x, q, k, v, cache):
-        """The gated delta rule over GDN heads. q (B, T, Hg, D), k/v (B, T, Gg, D) -> (B, T, Hg, D)."""
-        B, T, Hg, D = q.shape
-        Gg = k.shape[2]
+    def _short_conv(self, q, k, v, weight, store, activation: bool):
+        """Depthwise causal convolution over time of q (B, T, Hq, D), k and v (B, T, G, D); same shapes out."""
+        B, T, Hq, D = q.shape
+        G = k.shape[2]
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1).transpose(1, 2)  # (B, C, T)
-        past = None if cache is None else cache.convs[self.layer_idx]
+        past = None if store is None else store[self.layer_idx]
         if past is None:
             past = mixed.new_zeros(B, mixed.shape[1], self.config.conv_size - 1)
         padded = torch.cat([past, mixed], dim=-1)  # (B, C, conv_size - 1 + T)
-        if cache is not None:
-            cache.convs[self.layer_idx] = padded[:, :, -(self.config.conv_size - 1) :]
-        mixed = F.silu(F.conv1d(padded, self.conv_weight[:, None, :].to(mixed.dtype), groups=mixed.shape[1]))  # (B, C, T)
-        q, k, v = mixed.transpose(1, 2).split([Hg * D, Gg * D, Gg * D], dim=-1)
-        q = F.normalize(q.reshape(B, T, Hg, D), dim=-1)  # (B, T, Hg, D)
-        k = F.normalize(k.reshape(B, T, Gg, D), dim=-1)  # (B, T, Gg, D)
-        v = v.reshape(B, T, Gg, D)  # (B, T, Gg, D)
+        if store is not None:
+            store[self.layer_idx] = padded[:, :, -(self.config.conv_size - 1) :]
+        mixed = F.conv1d(padded, weight[:, None, :].to(mixed.dtype), groups=mixed.shape[1])  # (B, C, T)
+        if activation:
+            mixed = F.silu(mixed)
+        q, k, v = mixed.transpose(1, 2).split([Hq * D, G * D, G * D], dim=-1)  # (B, T, C_part)
+        return q.reshape(B, T, Hq, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
+
+    def _gated_delta(self, x, q, k, v, cache):
+        """The gated delta rule over GDN heads. q (B, T, Hg, D), k/v (B, T, Gg, D) -> (B, T, Hg, D)."""
+        q, k, v = self._short_conv(q, k, v, self.conv_weight, None if cache is None else cache.convs, activation=True)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # (B, T, Hg, D), (B, T, Gg, D)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)  # (B, T, Gg), log decay <= 0
         beta = torch.sigmoid(self.b_proj(x).float())  # (B, T, Gg)
         # a group's k, v, decay and beta are shared by its query heads, as GQA shares K/V
         k, v = k.repeat_interleave(self.rep, dim=2), v.repeat_interleave(self.rep, dim=2)  # (B, T, Hg, D)
         g, beta = g.repeat_interleave(self.rep, dim=2), beta.repeat_interleave(self.rep, dim=2)  # (B, T, Hg)
         state = None if cache is None else cache.states[self.layer_idx]
-        rule = ops.fused_recurrent_gated_delta_rule if (T == 1 and cache is not None) else ops.chunk_gated_delta_rule
+        rule = ops.fused_recurrent_gated_delta_rule if (q.shape[1] == 1 and cache is not None) else ops.chunk_gated_delta_rule
         out, state = rule(q, k, v, g, beta, None, state, cache is not None)  # (B, T, Hg, D)
         if cache is not None:
             cache.states[self.layer_idx] = state
@@ -313,6 +330,10 @@ class HydraHeadPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, HydraAttention):
             init.ones_(module.head_gain)
+            if hasattr(module, "fa_conv_weight"):
+                identity = torch.zeros_like(module.fa_conv_weight)
+                identity[:, -1] = 1.0  # starts as plain attention and learns what to mix in
+                init.copy_(module.fa_conv_weight, identity)
             if module.gdn_groups:
                 init.normal_(module.conv_weight, mean=0.0, std=module.config.conv_size**-0.5)
                 # Mamba-style: decay rates spread over [1, 16], step sizes over [1e-3, 1e-1]

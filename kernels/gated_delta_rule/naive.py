@@ -94,10 +94,9 @@ def chunk_gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None,
     A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).masked_fill(~strictly, 0.0)  # (B, H, N, C, C)
     eye = torch.eye(C, dtype=f32, device=q.device)
     unit_lower = A + eye
-    U = torch.linalg.solve_triangular(unit_lower, beta[..., None] * v, upper=False, unitriangular=True)  # (B, H, N, C, V)
-    W = torch.linalg.solve_triangular(
-        unit_lower, (beta * gamma.exp())[..., None] * k, upper=False, unitriangular=True
-    )  # (B, H, N, C, K)
+    # one solve for both right-hand sides: U = T beta V and W = T beta exp(gamma) K
+    rhs = torch.cat([beta[..., None] * v, (beta * gamma.exp())[..., None] * k], dim=-1)  # (B, H, N, C, V + K)
+    U, W = torch.linalg.solve_triangular(unit_lower, rhs, upper=False, unitriangular=True).split([V, K], dim=-1)
 
     qs = q * scale
     intra = (qs @ k.transpose(-1, -2)) * decay  # (B, H, N, C, C), causal incl. diagonal

@@ -16,6 +16,7 @@ LAYOUTS = {
     "all_gdn": ["GG", "GG"],
     "mixed": ["FG", "GF"],
 }
+FA_CONV = (False, True)
 
 
 def tiny_config(layer_heads, **overrides) -> HydraHeadConfig:
@@ -63,9 +64,10 @@ def test_the_model_gives_one_logit_row_per_token(layout):
     assert model(ids).logits.shape == (3, 17, VOCAB)
 
 
+@pytest.mark.parametrize("fa_conv", FA_CONV, ids=("plain_fa", "fa_conv"))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_no_head_type_lets_a_token_see_the_future(layout):
-    model = tiny_model(LAYOUTS[layout])
+def test_no_head_type_lets_a_token_see_the_future(layout, fa_conv):
+    model = tiny_model(LAYOUTS[layout], fa_conv=fa_conv)
     ids = torch.randint(0, VOCAB, (2, 90))  # past one 64-token chunk of the GDN prefill
     changed = ids.clone()
     changed[:, 70:] = (changed[:, 70:] + 1) % VOCAB
@@ -75,9 +77,10 @@ def test_no_head_type_lets_a_token_see_the_future(layout):
     assert not torch.allclose(before[:, 70:], after[:, 70:])
 
 
+@pytest.mark.parametrize("fa_conv", FA_CONV, ids=("plain_fa", "fa_conv"))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_decoding_token_by_token_gives_the_logits_of_one_full_forward(layout):
-    model = tiny_model(LAYOUTS[layout], num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+def test_decoding_token_by_token_gives_the_logits_of_one_full_forward(layout, fa_conv):
+    model = tiny_model(LAYOUTS[layout], num_attention_heads=6, num_key_value_heads=2, hidden_size=48, fa_conv=fa_conv)
     ids = torch.randint(0, VOCAB, (2, 80))
     with torch.no_grad():
         full = model(ids).logits
@@ -99,8 +102,9 @@ def test_greedy_generation_extends_the_prompt_with_the_full_forward_argmax():
     assert torch.equal(generated[:, 12:], expected)
 
 
-def test_the_cache_holds_exactly_the_bytes_the_config_predicts():
-    model = tiny_model(LAYOUTS["mixed"])
+@pytest.mark.parametrize("fa_conv", FA_CONV, ids=("plain_fa", "fa_conv"))
+def test_the_cache_holds_exactly_the_bytes_the_config_predicts(fa_conv):
+    model = tiny_model(LAYOUTS["mixed"], fa_conv=fa_conv)
     with torch.no_grad():
         cache = model(torch.randint(0, VOCAB, (1, 40)), use_cache=True).cache
     assert isinstance(cache, HybridCache) and cache.seen_tokens == 40
