@@ -211,8 +211,9 @@ def test_a_cycle_killed_mid_way_is_resumed_by_the_next_one(make_repo, kit, tmp_p
     finding_id = interrupted.plan[0]
     assert [s.step for s in loop.store.run(interrupted.run_id).steps if s.finding_id == finding_id] == ["handoff"]
 
-    fix = f"open('calc.py', 'w').write({kit.fixed!r})"
-    settings.loop.implementer_command = [sys.executable, "-c", fix]
+    # The implementer gets its task file by substitution, reads it, and fixes the bug.
+    fix = f"import sys; assert 'test_add' in open(sys.argv[1]).read(); open('calc.py', 'w').write({kit.fixed!r})"
+    settings.loop.implementer_command = [sys.executable, "-c", fix, "{task_file}"]
     report = loop.run_once(repo)
     assert report.resumed and report.run_id == interrupted.run_id
     assert report.verdicts[finding_id] == "PASS"
@@ -412,3 +413,21 @@ def test_junit_reports_from_ci_are_read_instead_of_running_the_tests(make_repo, 
     assert "502 from the auth service" in tests[0].detail
     assert tests[0].protected == ["integration/test_api.py"]
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_repo_without_a_test_command_says_how_to_set_one_and_cannot_pass(tmp_path, kit, settings):
+    repo = tmp_path / "docs-only"
+    repo.mkdir()
+    kit.run_git(repo, "init", "-q", "-b", "main")
+    kit.commit_file(repo, "README.md", "# notes\n", "readme")
+    kit.commit_file(repo, "issues/typo.md", "# fix the typo in README.md\n", "issue")
+    loop = Loop(settings)
+    found = loop.discover(repo)
+    note = next(s for s in found.sources if s.source == "tests")
+    assert not note.complete and "loop.test_command" in note.note
+    issue = next(f for f in found.findings if f.kind == "issue")
+    worktree = Path(loop.handoff(issue.finding_id).path)
+    (worktree / "README.md").write_text("# Notes\n")
+    result = loop.verify(issue.finding_id)
+    assert result.verdict == "FAIL"
+    assert any("no test command" in r for r in result.reasons)
