@@ -30,12 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from hydrabrain.servers.cli import settings_from
-    from hydrabrain.servers.crag.calibrate import calibrate, write_calibration
+    from hydrabrain.servers.crag.calibrate import DevSet, calibrate, shipped_dev_set, write_calibration
     from hydrabrain.servers.crag.evaluator import shipped_thresholds_path
     from hydrabrain.shared.embeddings import get_embedder
 
     settings = settings_from(args)
     try:
+        DevSet.load(args.dev_set or shipped_dev_set())  # a broken file fails before the model loads
         result = calibrate(get_embedder(settings), args.dev_set)
     except ValueError as exc:
         print(f"hydrabrain crag calibrate: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from hydrabrain.shared.config import Settings
@@ -62,7 +63,10 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         token_budget: Annotated[int, Field(description="Most tokens of context to return", ge=32, le=20000)] = 1500,
     ) -> RetrieveResult:
         """Retrieve, judge and correct context for a question; returns cited strips, the action taken and a trace."""
-        return await state(ctx).retrieve(question, k=k, sources=sources, allow_web=allow_web, token_budget=token_budget)
+        try:
+            return await state(ctx).retrieve(question, k=k, sources=sources, allow_web=allow_web, token_budget=token_budget)
+        except (ValueError, RuntimeError) as exc:
+            raise ToolError(str(exc)) from exc
 
     @server.tool()
     async def evaluate(
@@ -71,7 +75,10 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         ctx: Context,
     ) -> EvaluateResult:
         """Score how well each document answers the question (0-1) and say which action the thresholds give."""
-        return await state(ctx).evaluate(question, documents)
+        try:
+            return await state(ctx).evaluate(question, documents)
+        except (ValueError, RuntimeError) as exc:
+            raise ToolError(str(exc)) from exc
 
     @server.resource("crag://thresholds", mime_type="application/json", description="Current evaluator thresholds and how they were calibrated")
     def thresholds() -> str:
