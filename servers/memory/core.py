@@ -23,7 +23,7 @@ import numpy as np
 from hydrabrain.servers.memory import lessons as lesson_logic
 from hydrabrain.servers.memory.episodes import KINDS, Episode, EpisodeLog, Lesson, Session
 from hydrabrain.servers.memory.facts import Fact, FactFormatError, FactGraph, FactInput, entity_id, key, parse_facts
-from hydrabrain.servers.memory.recall import RankingWeights, entity_mentions, recency, relevant, term_weights, weighted_coverage
+from hydrabrain.servers.memory.recall import RankingWeights, entity_mentions, recency, support, term_weights, weighted_coverage
 from hydrabrain.servers.memory.timeutil import TimeFormatError, now, parse_time, to_iso
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.embeddings import Embedder, get_embedder
@@ -300,12 +300,14 @@ class MemoryService:
         named = entity_mentions(query, [n for _, n, _ in self.graph.entities(user)]) if fact_ids else set()
         idf = term_weights(self.lexical, query, user, max(1, self.log.count(user)))
         items: list[RecallItem] = []
+        best_support = 0.0
         for hit in hits:
             score = hit.score
             signals = dict(hit.signals)
             cover = weighted_coverage(idf, hit.text)
             signals["weighted_coverage"] = round(cover, 3)
-            if not relevant(hit.signals.get("cosine"), cover, w):
+            cosine = hit.signals.get("cosine")
+            if cosine is not None and cosine < w.min_cosine:
                 continue
             at_ts = float(hit.payload.get("at", ref))
             if as_of_ts is not None and at_ts > as_of_ts:
@@ -336,6 +338,9 @@ class MemoryService:
                     signals["stale"] = 1.0
                 score += w.recency * recency(ref - episode.at, self.cfg.recency_half_life_days)
                 items.append(RecallItem("episode", episode.id, episode.text, score, episode.kind, to_iso(episode.at), episode.session_id, [episode.id], None, signals))
+            best_support = max(best_support, support(cosine, cover, w))
+        if best_support < w.answer_threshold:
+            return []  # nothing remembered is about this: say so rather than pad the list
         items.sort(key=lambda item: item.score, reverse=True)
         return items[:k]
 

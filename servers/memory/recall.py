@@ -26,9 +26,16 @@ class RankingWeights:
     lesson: float = 0.006  # a lesson distils several episodes; show it before any one of them
     entity: float = 0.008  # the query names the fact's subject or object
     stale: float = 0.5  # score factor for an episode whose facts are all superseded
-    strong_cosine: float = 0.55  # this close in meaning is relevant whatever the words
-    min_cosine: float = 0.3  # below this, even matching words are a coincidence
-    min_coverage: float = 0.35  # share of the query's informative weight an item must cover
+    min_cosine: float = 0.2  # a candidate this far off in meaning is dropped whatever else it matches
+    answer_threshold: float = 0.58  # the best candidate's cosine + coverage_weight * weighted coverage must reach this
+    coverage_weight: float = 0.5
+
+
+_CALENDAR = frozenset(
+    "january february march april may june july august september october november december "
+    "monday tuesday wednesday thursday friday saturday sunday today yesterday week month year now currently "
+    "these days use used uses using get make know tell need want like also just still".split()
+)
 
 
 def recency(age_s: float, half_life_days: float) -> float:
@@ -39,8 +46,10 @@ def term_weights(lexical: LexicalIndex, query: str, user: str, total: int, cap: 
     """IDF of each query word over this user's memory (document frequency counted up to `cap`)."""
     weights: dict[str, float] = {}
     for term in query_terms(query):
+        if term in _CALENDAR or any(ch.isdigit() for ch in term):
+            continue  # dates in a question say when, not what; as_of handles them
         df = len(lexical.search(term, k=cap, where={"user": user}))
-        weights[term] = math.log((total + 1) / (df + 0.5))
+        weights[term] = max(0.0, math.log((max(total, df) + 1) / (df + 0.5)))
     return weights
 
 
@@ -52,12 +61,9 @@ def weighted_coverage(weights: Mapping[str, float], text: str) -> float:
     return got / total
 
 
-def relevant(cosine: float | None, cover: float, w: RankingWeights) -> bool:
-    if cosine is not None and cosine >= w.strong_cosine:
-        return True
-    if cosine is not None and cosine < w.min_cosine:
-        return False
-    return cover >= w.min_coverage
+def support(cosine: float | None, cover: float, w: RankingWeights) -> float:
+    """How strongly one candidate suggests that memory holds an answer at all."""
+    return (cosine if cosine is not None else 0.0) + w.coverage_weight * cover
 
 
 def entity_mentions(query: str, names: Sequence[str]) -> set[str]:

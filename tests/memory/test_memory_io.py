@@ -48,7 +48,7 @@ def test_a_reference_knowledge_graph_imports_and_exports_unchanged(tmp_path: Pat
 
     service = MemoryService(settings)
     try:
-        hits = service.recall("Which languages does John Smith speak?", "john", k=3)
+        hits = service.recall("Which languages does John Smith speak?", "john", k=5)
         assert "John_Smith: Speaks fluent Spanish" in [h.text for h in hits]
         assert sorted(f.object for f in service.facts("john") if f.predicate == "knows") == ["Python", "Rust"]
         assert service.facts("someone_else") == []
