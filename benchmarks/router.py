@@ -133,7 +133,7 @@ def _pair(d: list[float], r: list[float]) -> dict[str, float]:
             "proxied_ms_p99": pct(r, 99), "ratio_p50": pct(r, 50) / pct(d, 50)}
 
 
-async def interleaved(direct: Client, direct_tool: str, routed: Client, routed_tool: str, calls: int, rounds: int = 5) -> dict[str, float]:
+async def interleaved(direct: Client, direct_tool: str, routed: Client, routed_tool: str, calls: int, rounds: int = 10) -> dict[str, float]:
     """Alternate blocks of direct and proxied calls so load from other processes hits both alike."""
     d: list[float] = []
     r: list[float] = []
@@ -271,5 +271,7 @@ if __name__ == "__main__":
     print_table(results)
     out = ROOT / "benchmarks" / "results" / "router.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": f"python benchmarks/router.py --calls {args.calls} --jobs {args.jobs}", **results}, indent=2) + "\n")
+    meta = {"command": f"python benchmarks/router.py --calls {args.calls} --jobs {args.jobs}", "cpus": os.cpu_count(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
+    out.write_text(json.dumps({**meta, **results}, indent=2) + "\n")
     print(f"\nraw results: {out.relative_to(ROOT)}")

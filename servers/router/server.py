@@ -130,7 +130,8 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
                     else:
                         pieces += 1
                         await ctx.report_progress(pieces, None, event.text)
-                assert final is not None
+                if final is None:
+                    raise ToolError("the provider's stream ended without a final answer; retry the call")
                 return final
             return await state.llm.complete(prompt=prompt, messages=msgs, task=task, max_tokens=max_tokens,
                                             json_schema=json_schema, tenant=tenant, feature=feature)

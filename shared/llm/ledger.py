@@ -98,7 +98,7 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._db.close()  # closing twice is harmless
 
     # --- ledger --------------------------------------------------------------------------------
 

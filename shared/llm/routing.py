@@ -236,8 +236,10 @@ class LLM:
         self._embedder: Any = None
 
     async def aclose(self) -> None:
+        """Close this event loop's HTTP connections and the ledger."""
         for provider in self.providers.values():
             await provider.aclose()
+        self.ledger.close()
 
     # --- decisions ------------------------------------------------------------------------------
 

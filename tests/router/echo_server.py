@@ -17,7 +17,7 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 
-server = MCPServer(name="echo", instructions="Echoes things for tests.")
+server = MCPServer(name="echo", instructions="Echoes things for tests.", log_level="WARNING")
 NAME = os.environ.get("ECHO_NAME", "echo")
 
 
