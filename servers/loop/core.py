@@ -33,6 +33,7 @@ from .worktrees import (
     GitError,
     WorktreeMissing,
     atomic_write,
+    branch_exists,
     branch_for,
     changed_files,
     commit_all,
@@ -41,6 +42,7 @@ from .worktrees import (
     fingerprint,
     git,
     head,
+    is_ancestor,
     remove_worktree,
     repo_root,
     repo_slug,
@@ -239,6 +241,10 @@ class Loop:
                 ), stamp)
                 if record.seen_count == 1:
                     new.append(fid)
+                elif record.status == "passed" and record.result_commit and is_ancestor(root, record.result_commit):
+                    # Its fix reached HEAD and the problem is back: a regression, so the work starts over.
+                    self._reopen(root, record, stamp)
+                    new.append(fid)
         gone = []
         for report in reports:
             if report.complete:
@@ -250,6 +256,12 @@ class Loop:
             sources=[SourceNote(source=r.name, complete=r.complete, note=r.note) for r in reports],
             test_command_s=sum(r.command.duration_s for r in reports if r.command is not None),
         )
+
+    def _reopen(self, root: Path, finding: Finding, stamp: float) -> None:
+        if finding.branch and branch_exists(root, finding.branch):
+            git(["branch", "-D", finding.branch], root, check=False)  # merged already: nothing is lost
+        self.store.update_finding(finding.finding_id, stamp, status="open", worktree=None, branch=None, base_commit=None,
+                                  result_commit=None, last_verdict=None, closed_reason="regressed", attempts=0)
 
     # --- hand off ----------------------------------------------------------------------------
 

@@ -121,6 +121,11 @@ def _is_worktree_of(path: Path, branch: str) -> bool:
     return head_ref == f"ref: refs/heads/{branch}"
 
 
+def is_ancestor(root: Path, commit: str) -> bool:
+    """True when `commit` is reachable from HEAD, i.e. it has been merged."""
+    return subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=root, capture_output=True).returncode == 0
+
+
 def branch_exists(root: Path, branch: str) -> bool:
     return bool(git(["branch", "--list", branch], root).strip())
 

@@ -431,3 +431,22 @@ def test_a_repo_without_a_test_command_says_how_to_set_one_and_cannot_pass(tmp_p
     result = loop.verify(issue.finding_id)
     assert result.verdict == "FAIL"
     assert any("no test command" in r for r in result.reasons)
+
+
+def test_a_merged_fix_that_regresses_reopens_its_finding(make_repo, kit, settings):
+    repo = make_repo()
+    loop = Loop(settings)
+    finding = _failing_test(loop.discover(repo))
+    worktree = Path(loop.handoff(finding.finding_id).path)
+    (worktree / "calc.py").write_text(kit.fixed)
+    passed = loop.verify(finding.finding_id)
+    kit.run_git(repo, "merge", "-q", "--ff-only", passed.branch)
+    assert not any(f.finding_id == finding.finding_id for f in loop.discover(repo).findings)
+
+    kit.commit_file(repo, "calc.py", kit.buggy, "an unlucky refactor")
+    again = loop.discover(repo)
+    reopened = loop.store.finding(finding.finding_id)
+    assert finding.finding_id in again.new
+    assert reopened.status == "open" and reopened.closed_reason == "regressed" and reopened.result_commit is None
+    fresh = loop.handoff(finding.finding_id)
+    assert fresh.base_commit == kit.run_git(repo, "rev-parse", "HEAD").strip()
