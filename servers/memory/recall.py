@@ -27,7 +27,7 @@ class RankingWeights:
     entity: float = 0.008  # the query names the fact's subject or object
     stale: float = 0.5  # score factor for an episode whose facts are all superseded
     min_cosine: float = 0.2  # a candidate this far off in meaning is dropped whatever else it matches
-    answer_threshold: float = 0.58  # the best candidate's cosine + coverage_weight * weighted coverage must reach this
+    answer_threshold: float = 0.62  # the best candidate's cosine + coverage_weight * weighted coverage must reach this
     coverage_weight: float = 0.5
 
 
