@@ -12,11 +12,13 @@ Three launches, the same split the chunked algorithm itself suggests:
 3. ``_output_kernel`` (one program per chunk, head and V slice, all parallel):
    o = scale (exp(gamma) Q) S + causal(scale Q K^T * decay) (U - W S).
 
-The backward is two more launches after recomputing passes 1 and 2 (keeping T this time):
+The backward is three more launches after recomputing passes 1 and 2 (keeping T this time):
 ``_bwd_state_kernel`` walks the chunks in reverse and carries dS, the gradient reaching each chunk's
-end state, and the gradient of U - W S; ``_bwd_chunk_kernel`` then takes every chunk in parallel and
-differentiates the output block, the state hand-off, W and U, and the inverse (dA = -T^T dT T^T),
-ending with a reverse running sum inside the chunk from d(gamma) to dg. Same signature and argument
+end state, and the gradient of U - W S; then, every chunk in parallel, ``_bwd_dqk_kernel``
+differentiates what reads the states (the output block and the state hand-off: all of dq, part of
+dk and d(gamma), and dW), and ``_bwd_wy_kernel`` goes back through U, W and the inverse
+(dA = -T^T dT T^T), ending with a reverse running sum inside the chunk from d(gamma) to dg. The
+split keeps each kernel's tiles within the register file. Same signature and argument
 order as the reference.
 """
 
@@ -278,15 +280,16 @@ def _bwd_state_kernel(
         tl.store(dh0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_kv)
 
 
+# the backward's per-chunk kernels hold several full-K gradient tiles: only 8-warp CTAs keep them
+# in registers (per ptxas at K = 64; at K = 128 a few hundred bytes still spill)
 @_maybe_autotune(
-    # the full-K gradient tiles fill the register file: only the widest CTAs, narrow V slices
-    configs=[triton.Config({"BV": bv}, num_warps=8, num_stages=1) for bv in (16, 32)],
+    configs=[triton.Config({"BV": bv}, num_warps=8, num_stages=s) for bv in (16, 32, 64) for s in (1, 2)],
     key=["K", "V"],
 )
 @triton.jit
-def _bwd_chunk_kernel(
-    q, k, v, beta, gamma, w, a_inv, hs, dhs, v_new, dvn, do,
-    dq, dk, dv, dbeta, dg,
+def _bwd_dqk_kernel(
+    q, k, gamma, hs, dhs, v_new, dvn, do,
+    dq, dk_part, dw, dgamma_part,
     scale,
     T,
     NT,
@@ -299,7 +302,8 @@ def _bwd_chunk_kernel(
     PRECISION: tl.constexpr,
     DT: tl.constexpr,
 ):
-    # one chunk, all parallel: dq, dk, dv, dbeta, dg from the states and state gradients around it
+    # one chunk, all parallel: everything that reads the states S and dS' (dq in full, the output-block
+    # and hand-off parts of dk and dgamma, and dW for the WY kernel)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_t = i_t * BT + tl.arange(0, BT)
@@ -310,26 +314,14 @@ def _bwd_chunk_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     o_i = tl.arange(0, BT)
 
-    # q and k stay in their stored dtype until used: this kernel is the register-hungry one
-    b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_beta = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
     b_gamma = tl.load(gamma + row, mask=m_t, other=0.0)
     last = tl.minimum(T, (i_t + 1) * BT) - 1
     b_glast = tl.load(gamma + (i_b * T + last) * H + i_h)
-    b_inv_t = tl.trans(tl.load(a_inv + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)).to(DT)
-
-    incl = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
-    strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
-    b_decay = tl.exp(tl.where(incl, b_gamma[:, None] - b_gamma[None, :], float("-inf")))  # 0 off the causal part
-    b_eg = tl.where(m_t, tl.exp(b_gamma), 0.0)
 
     b_dqs = tl.zeros([BT, BK], dtype=tl.float32)  # dO S^T
     b_dkd = tl.zeros([BT, BK], dtype=tl.float32)  # d(decayed keys) = (U - W S) dS'^T
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -d(U - W S) S^T
     b_dm = tl.zeros([BT, BT], dtype=tl.float32)  # d(causal block) = dO (U - W S)^T
-    b_dinv = tl.zeros([BT, BT], dtype=tl.float32)  # d(I + A)^-1
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_sds = tl.zeros([BK], dtype=tl.float32)  # row sums of S * dS', for the chunk's total decay
     p_state = ((i_b * NT + i_t) * H + i_h) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -339,32 +331,32 @@ def _bwd_chunk_kernel(
         m_kv = m_k[:, None] & m_v[None, :]
         b_s = tl.load(hs + p_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
         b_ds = tl.load(dhs + p_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-        b_do = tl.load(do + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_vn = tl.load(v_new + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_dvn = tl.load(dvn + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-
-        b_dqs += tl.dot(b_do.to(DT), tl.trans(b_s).to(DT), input_precision=PRECISION)
-        b_dm += tl.dot(b_do.to(DT), tl.trans(b_vn).to(DT), input_precision=PRECISION)
-        b_dkd += tl.dot(b_vn.to(DT), tl.trans(b_ds).to(DT), input_precision=PRECISION)
-        b_dw -= tl.dot(b_dvn.to(DT), tl.trans(b_s).to(DT), input_precision=PRECISION)
-        b_bv = b_v * b_beta[:, None]
-        # U = T (beta V): dU is the gradient of U - W S
-        b_dinv += tl.dot(b_dvn.to(DT), tl.trans(b_bv).to(DT), input_precision=PRECISION)
-        b_dbv = tl.dot(b_inv_t, b_dvn.to(DT), input_precision=PRECISION)
-        tl.store(dv + row[:, None] * V + o_v[None, :], (b_dbv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-        b_dbeta += tl.sum(b_dbv * b_v, axis=1)
+        b_do = tl.load(do + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(DT)
+        b_vn = tl.load(v_new + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(DT)
+        b_dvn = tl.load(dvn + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(DT)
+        b_st = tl.trans(b_s).to(DT)
+        b_dqs += tl.dot(b_do, b_st, input_precision=PRECISION)
+        b_dw -= tl.dot(b_dvn, b_st, input_precision=PRECISION)
+        b_dm += tl.dot(b_do, tl.trans(b_vn), input_precision=PRECISION)
+        b_dkd += tl.dot(b_vn, tl.trans(b_ds).to(DT), input_precision=PRECISION)
         b_sds += tl.sum(b_s * b_ds, axis=1)
+    tl.store(dw + row[:, None] * K + o_k[None, :], b_dw, mask=m_tk)
 
-    # the causal block M = scale (Q K^T) * decay
-    b_qk = tl.dot(b_q.to(DT), tl.trans(b_k).to(DT), input_precision=PRECISION)
-    b_dm = tl.where(incl, b_dm, 0.0)
-    b_dme = b_dm * b_decay * scale
+    b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    incl = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    b_decay = tl.exp(tl.where(incl, b_gamma[:, None] - b_gamma[None, :], float("-inf")))  # 0 off the causal part
+    b_eg = tl.where(m_t, tl.exp(b_gamma), 0.0)
+
+    # the causal block M = scale (Q K^T) * decay, and the inter-chunk read scale (exp(gamma) Q) S
+    b_dme = tl.where(incl, b_dm, 0.0) * b_decay * scale
     b_dq = tl.dot(b_dme.to(DT), b_k.to(DT), input_precision=PRECISION) + b_dqs * (b_eg * scale)[:, None]
-    b_dk = tl.dot(tl.trans(b_dme).to(DT), b_q.to(DT), input_precision=PRECISION)
+    tl.store(dq + row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    b_qk = tl.dot(b_q.to(DT), tl.trans(b_k).to(DT), input_precision=PRECISION)
     b_p = b_dme * b_qk  # dM * M
     b_dgamma = tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
     b_dgamma += tl.sum(b_q.to(tl.float32) * b_dqs, axis=1) * b_eg * scale
+    b_dk = tl.dot(tl.trans(b_dme).to(DT), b_q.to(DT), input_precision=PRECISION)
 
     # the hand-off to the next chunk: S' = exp(gamma_last) S + (K * exp(gamma_last - gamma))^T (U - W S)
     b_tail = tl.where(m_t, tl.exp(b_glast - b_gamma), 0.0)
@@ -372,34 +364,87 @@ def _bwd_chunk_kernel(
     b_dtail = tl.sum(b_dkd * b_k.to(tl.float32), axis=1) * b_tail
     b_dgamma -= b_dtail
     b_dglast = tl.sum(b_dtail, axis=0) + tl.exp(b_glast) * tl.sum(b_sds, axis=0)
+    b_dgamma += tl.where(o_t == last, b_dglast, 0.0)
+    tl.store(dk_part + row[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
+    tl.store(dgamma_part + row, b_dgamma, mask=m_t)
 
-    # W = T (beta exp(gamma) K)
+
+@_maybe_autotune(
+    configs=[triton.Config({"BV": bv}, num_warps=8, num_stages=s) for bv in (16, 32, 64) for s in (1, 2)],
+    key=["K", "V"],
+)
+@triton.jit
+def _bwd_wy_kernel(
+    k, v, beta, gamma, a_inv, dvn, dw, dk_part, dgamma_part,
+    dk, dv, dbeta, dg,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DT: tl.constexpr,
+):
+    # one chunk, all parallel: back through U = T (beta V), W = T (beta exp(gamma) K) and T = (I + A)^-1,
+    # then from d(gamma) to dg by a reverse running sum inside the chunk
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    row = (i_b * T + o_t) * H + i_h
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    o_i = tl.arange(0, BT)
+
+    b_beta = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
+    b_gamma = tl.load(gamma + row, mask=m_t, other=0.0)
+    b_inv_t = tl.trans(tl.load(a_inv + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)).to(DT)
+
+    b_dinv = tl.zeros([BT, BT], dtype=tl.float32)  # d(I + A)^-1
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_dvn = tl.load(dvn + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        # dU is the gradient of U - W S
+        b_dinv += tl.dot(b_dvn.to(DT), tl.trans(b_v * b_beta[:, None]).to(DT), input_precision=PRECISION)
+        b_dbv = tl.dot(b_inv_t, b_dvn.to(DT), input_precision=PRECISION)
+        tl.store(dv + row[:, None] * V + o_v[None, :], (b_dbv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_dbeta += tl.sum(b_dbv * b_v, axis=1)
+
+    b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+    b_dw = tl.load(dw + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_eg = tl.where(m_t, tl.exp(b_gamma), 0.0)
     b_kscale = b_beta * b_eg
     b_dkb = tl.dot(b_inv_t, b_dw.to(DT), input_precision=PRECISION)
-    b_dk += b_dkb * b_kscale[:, None]
-    b_dks = tl.sum(b_dkb * b_k.to(tl.float32), axis=1)
+    b_dk = tl.load(dk_part + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + b_dkb * b_kscale[:, None]
+    b_dks = tl.sum(b_dkb * b_k, axis=1)
     b_dbeta += b_dks * b_eg
-    b_dgamma += b_dks * b_kscale
-    b_dinv += tl.dot(b_dw.to(DT), tl.trans(b_k.to(tl.float32) * b_kscale[:, None]).to(DT), input_precision=PRECISION)
+    b_dgamma = tl.load(dgamma_part + row, mask=m_t, other=0.0) + b_dks * b_kscale
+    b_dinv += tl.dot(b_dw.to(DT), tl.trans(b_k * b_kscale[:, None]).to(DT), input_precision=PRECISION)
 
     # T = (I + A)^-1, so dA = -T^T dT T^T, kept on the strictly lower part where A lives
+    strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
     b_da = tl.dot(b_dinv.to(DT), b_inv_t, input_precision=PRECISION)
     b_da = -tl.dot(b_inv_t, b_da.to(DT), input_precision=PRECISION)
-    b_da = tl.where(strict, b_da, 0.0)
+    b_decay = tl.exp(tl.where(strict, b_gamma[:, None] - b_gamma[None, :], float("-inf")))
+    b_da = tl.where(strict, b_da, 0.0) * b_decay  # dA_ij exp(gamma_i - gamma_j)
     b_kk = tl.dot(b_k.to(DT), tl.trans(b_k).to(DT), input_precision=PRECISION)
-    b_dae = b_da * b_decay * b_kk  # dA_ij exp(gamma_i - gamma_j) k_i.k_j
+    b_dae = b_da * b_kk
     b_dbeta += tl.sum(b_dae, axis=1)
     b_p = b_dae * b_beta[:, None]  # dA * A
     b_dgamma += tl.sum(b_p, axis=1) - tl.sum(b_p, axis=0)
-    b_dkk = (b_da * b_decay * b_beta[:, None]).to(DT)
-    b_dk += tl.dot(b_dkk, b_k.to(DT), input_precision=PRECISION)
-    b_dk += tl.dot(tl.trans(b_dkk), b_k.to(DT), input_precision=PRECISION)
+    b_dkk = (b_da * b_beta[:, None]).to(DT)
+    b_kdt = b_k.to(DT)
+    b_dk += tl.dot(b_dkk, b_kdt, input_precision=PRECISION)
+    b_dk += tl.dot(tl.trans(b_dkk), b_kdt, input_precision=PRECISION)
 
     # gamma is the running sum of g inside the chunk
-    b_dgamma += tl.where(o_t == last, b_dglast, 0.0)
     b_dg = tl.cumsum(b_dgamma, axis=0, reverse=True)
-
-    tl.store(dq + row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + row, b_dbeta, mask=m_t)
     tl.store(dg + row, b_dg, mask=m_t)
@@ -498,12 +543,22 @@ def _chunk_backward(q, k, v, g, beta, scale, initial_state, do, dht):
         dict(BV=min(32, c["BV_MAX"])),
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk_part = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
+    dw = torch.empty_like(dk_part)
+    dgamma_part = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
+    _launch(
+        _bwd_dqk_kernel,
+        (NT, B * H),
+        (q, k, s["gamma"], s["hs"], dhs, s["v_new"], dvn, do, dq, dk_part, dw, dgamma_part, scale, T, NT),
+        common,
+        dict(BV=min(32, c["BV_MAX"])),
+    )
     dbeta = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
     dg = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
     _launch(
-        _bwd_chunk_kernel,
+        _bwd_wy_kernel,
         (NT, B * H),
-        (q, k, v, beta, s["gamma"], s["w"], s["a_inv"], s["hs"], dhs, s["v_new"], dvn, do, dq, dk, dv, dbeta, dg, scale, T, NT),
+        (k, v, beta, s["gamma"], s["a_inv"], dvn, dw, dk_part, dgamma_part, dk, dv, dbeta, dg, T),
         common,
         dict(BV=min(32, c["BV_MAX"])),
     )

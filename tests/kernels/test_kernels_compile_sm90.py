@@ -19,7 +19,8 @@ KERNELS = [
     "_state_kernel",
     "_output_kernel",
     "_bwd_state_kernel",
-    "_bwd_chunk_kernel",
+    "_bwd_dqk_kernel",
+    "_bwd_wy_kernel",
     "_paged_decode_split_kernel",
     "_paged_decode_merge_kernel",
     "_kv_compact_kernel",
@@ -95,11 +96,17 @@ def _compile_all() -> dict[str, int]:
         dict(gdn, BK=128, BV=32, HAS_DHT=True, STORE_DH0=True),
     )
     build(
-        chunk._bwd_chunk_kernel,
+        chunk._bwd_dqk_kernel,
         dict(
-            q=bf, k=bf, v=bf, beta=f32, gamma=f32, w=bf, a_inv=f32, hs=bf, dhs=f32, v_new=bf, dvn=f32, do=bf,
-            dq=bf, dk=bf, dv=bf, dbeta=f32, dg=f32, scale="fp32", T=i32, NT=i32,
+            q=bf, k=bf, gamma=f32, hs=bf, dhs=f32, v_new=bf, dvn=f32, do=bf, dq=bf, dk_part=f32, dw=f32, dgamma_part=f32,
+            scale="fp32", T=i32, NT=i32,
         ),
+        dict(gdn, BK=128, BV=32),
+        num_warps=8,
+    )
+    build(
+        chunk._bwd_wy_kernel,
+        dict(k=bf, v=bf, beta=f32, gamma=f32, a_inv=f32, dvn=f32, dw=f32, dk_part=f32, dgamma_part=f32, dk=bf, dv=bf, dbeta=f32, dg=f32, T=i32),
         dict(gdn, BK=128, BV=32),
         num_warps=8,
     )
