@@ -140,18 +140,16 @@ def patch_heads(model: nn.Module, probe: Probe, batch_size: int = 8) -> Patching
             for group in range(G):
                 cols = slice(group * rep * D, (group + 1) * rep * D)  # the group's query heads, side by side
 
-                def swap(i, layer=layer, cols=cols):
-                    def hook(_module, args):
-                        if i != layer:
-                            return None
-                        x = args[0].clone()
-                        x[:, -1, cols] = saved[layer][:, cols].to(x.dtype)
-                        return (x, *args[1:])
+                def swap(_module, args, layer=layer, cols=cols):
+                    x = args[0].clone()
+                    x[:, -1, cols] = saved[layer][:, cols].to(x.dtype)
+                    return (x, *args[1:])
 
-                    return hook
-
-                with _hooks(layers, swap):
+                handle = layers[layer].register_forward_pre_hook(swap)
+                try:
                     ld = _logit_diff(model, corrupt, good, bad)
+                finally:
+                    handle.remove()
                 restored_sum[layer, group] += float((ld - ld_corrupt).sum())
     model.train(was_training)
     gap = (clean_total - corrupt_total) / n
