@@ -134,7 +134,6 @@ class Aggregator:
         self.rename = dict(rename or {})
         self.reserved = set(reserved or set())
         self.startup_timeout_s = startup_timeout_s
-        self._tg: anyio.abc.TaskGroup | None = None
         self._tool_table: tuple[tuple[int, ...], dict[str, tuple[Downstream, Any]]] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -142,7 +141,6 @@ class Aggregator:
     @contextlib.asynccontextmanager
     async def running(self):  # noqa: ANN201 - an async context manager of self
         async with anyio.create_task_group() as tg:
-            self._tg = tg
             for ds in self.downstreams.values():
                 tg.start_soon(self._supervise, ds)
             with anyio.move_on_after(self.startup_timeout_s):
@@ -176,7 +174,7 @@ class Aggregator:
                     error = f"did not start within {self.startup_timeout_s:g} s"
             except anyio.get_cancelled_exc_class():
                 raise
-            except BaseException as exc:  # noqa: BLE001 - a downstream's failure must never end the router
+            except Exception as exc:  # noqa: BLE001 - a downstream's failure must never end the router
                 error = _describe(exc)
             ds.client = None
             if ds.state == "stopped":
@@ -428,7 +426,10 @@ class AggregatingMiddleware:
                 extra.append(dumped)
             return {**result, "prompts": [*result.get("prompts", []), *extra]}
         if method == "prompts/get" and params.get("name") in agg.prompt_table():
-            return await agg.get_prompt(params["name"], params.get("arguments"))
+            try:
+                return await agg.get_prompt(params["name"], params.get("arguments"))
+            except DownstreamDown as exc:
+                raise MCPError(INTERNAL_ERROR, str(exc)) from None
         if method == "resources/list":
             result = await call_next(ctx)
             extra = [r.model_dump(by_alias=True, mode="json", exclude_none=True)
