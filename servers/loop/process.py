@@ -7,15 +7,35 @@ breach the whole process group is killed, so test runners that fork workers do n
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 POLL_S = 0.05
+# Process groups started here and still running. Process-wide on purpose: whatever owns the
+# commands, none may outlive the process that budgets them (see `kill_running`).
+_running: set[int] = set()
+_running_lock = threading.Lock()
+
+
+def kill_running() -> None:
+    """Kill every command group still running; called when the server shuts down and at exit."""
+    with _running_lock:
+        groups = list(_running)
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+atexit.register(kill_running)
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,8 @@ def run_command(
             )
         except FileNotFoundError:
             raise CommandNotFound(f"command not found: {argv[0]!r} — install it or set the command in hydrabrain.toml") from None
+        with _running_lock:
+            _running.add(proc.pid)
         timed_out = exceeded = False
         while True:
             try:
@@ -107,6 +129,8 @@ def run_command(
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        with _running_lock:
+            _running.discard(proc.pid)
     duration = time.monotonic() - started
     exit_code = None if (timed_out or exceeded) else proc.returncode
     return CommandResult(argv, exit_code, timed_out, exceeded, duration, log_path, timeout_s)

@@ -16,6 +16,7 @@ from croniter import croniter
 from hydrabrain.shared.telemetry import get_logger, log_event
 
 from .core import CycleBusy, Loop, LoopError
+from .process import kill_running
 from .store import Schedule, now
 from .worktrees import repo_root
 
@@ -92,3 +93,6 @@ class Scheduler:
         self.loop.stop.set()
         for repo in list(self.scopes):
             self._cancel(repo)
+        # A cycle abandoned mid-command would otherwise leave its test run behind; the run stays
+        # 'running' in the store and the next cycle resumes it.
+        kill_running()
