@@ -335,8 +335,11 @@ class LLM:
                 self.ledger.exact_put(key, scope_tenant, cached)
             if vector is not None:
                 self.ledger.semantic_put(scope_tenant, scope, vector, cached)
+            log_event(log, "llm call", task=task, tenant=tenant, feature=feature, model=completion.model, provider=completion.provider,
+                      cost_usd=completion.cost_usd, latency_ms=round(completion.latency_ms, 1), fallbacks=len(run.tried))
             return completion
 
+        log_event(log, "llm call failed", level=30, task=task, tenant=tenant, feature=feature, tried=run.tried)
         if refusals and len(refusals) == len(run.tried):
             self._record(CallRecord(tenant, feature, task, None, None, 0, 0, 0.0, 0.0, "refused", refusals[0]))
             raise LLMError(f"budget exceeded: {refusals[0]}. Raise limit_usd in [[router.budgets]], route to a cheaper "
