@@ -75,12 +75,14 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _error_for_status(response: httpx.Response) -> ProviderError:
+def _error_for_status(response: httpx.Response, secret: str | None = None) -> ProviderError:
     status = response.status_code
     try:
         detail = response.text[:300]
     except Exception:  # noqa: BLE001 - a body we cannot decode says nothing more
         detail = ""
+    if secret:
+        detail = detail.replace(secret, "***")  # some APIs echo the key back; it must not reach logs or the ledger
     retry_after = parse_retry_after(response.headers.get("retry-after"))
     if status == 429:
         return ProviderError("rate_limited", f"rate limited {detail}".strip(), status, retry_after)
@@ -165,7 +167,7 @@ class Provider:
         except httpx.HTTPError as exc:
             raise ProviderError("connection", f"cannot reach {self.config.base_url}: {type(exc).__name__}") from None
         if response.status_code != 200:
-            raise _error_for_status(response)
+            raise _error_for_status(response, self.api_key())
         try:
             data = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -196,7 +198,7 @@ class Provider:
             async with self.client().stream("POST", url, headers=headers, json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
-                    raise _error_for_status(response)
+                    raise _error_for_status(response, self.api_key())
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue

@@ -30,8 +30,8 @@ def ok(text: str | None = None, delay_s: float = 0.0, input_tokens: int | None =
     return Behaviour("ok", text=text, delay_s=delay_s, input_tokens=input_tokens, output_tokens=output_tokens)
 
 
-def status(code: int, retry_after: str | None = None) -> Behaviour:
-    return Behaviour("status", status=code, retry_after=retry_after)
+def status(code: int, retry_after: str | None = None, message: str | None = None) -> Behaviour:
+    return Behaviour("status", status=code, retry_after=retry_after, text=message)
 
 
 def malformed() -> Behaviour:
@@ -106,7 +106,8 @@ class FakeLLMServer:
                     return self._send(200, {"error": "too late"})
                 if behaviour.kind == "status":
                     headers = {"retry-after": behaviour.retry_after} if behaviour.retry_after else {}
-                    return self._send(behaviour.status, {"error": {"type": "scripted", "message": f"scripted {behaviour.status}"}}, headers)
+                    message = behaviour.text or f"scripted {behaviour.status}"
+                    return self._send(behaviour.status, {"error": {"type": "scripted", "message": message}}, headers)
                 if behaviour.kind == "malformed":
                     return self._send_raw(200, b'{"choices": [ {"message": oops', "application/json")
                 messages = body.get("messages") or []

@@ -115,12 +115,17 @@ async def test_a_malformed_body_falls_back_without_sending_the_request_again(set
     assert len(openai_fake.calls("cheap")) == 1
 
 
-async def test_a_bad_api_key_is_not_retried_and_the_error_says_what_to_fix(settings, openai_fake):
-    openai_fake.script("cheap", status(401))
-    llm = llm_from_settings(with_providers(settings, provider(openai_fake, "p", CHEAP)))
-    with pytest.raises(LLMError, match="every model in the chain failed.*401 auth.*API key"):
+async def test_a_bad_api_key_is_not_retried_and_never_appears_in_errors_or_the_ledger(settings, openai_fake, monkeypatch):
+    monkeypatch.setenv("FAKE_KEY", "sk-very-secret-123")
+    openai_fake.script("cheap", status(401, message="Incorrect API key provided: sk-very-secret-123"))
+    llm = llm_from_settings(with_providers(settings, provider(openai_fake, "p", CHEAP, key_env="FAKE_KEY")))
+    with pytest.raises(LLMError, match="every model in the chain failed.*401 auth.*API key") as failure:
         await llm.complete(prompt="x")
     assert len(openai_fake.calls("cheap")) == 1
+    assert "sk-very-secret-123" not in str(failure.value) and "***" in str(failure.value)
+    db = sqlite3.connect(settings.data_dir("router") / "ledger.sqlite")
+    assert not any("sk-very-secret" in (row[0] or "") for row in db.execute("SELECT error FROM calls"))
+    assert llm.provider_report()[0]["key_present"] is True
 
 
 async def test_an_answer_that_breaks_the_schema_is_repaired_with_the_validation_error(settings, openai_fake):
