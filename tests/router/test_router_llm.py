@@ -275,3 +275,14 @@ async def test_a_spent_budget_still_lets_a_free_local_model_answer(settings, ope
     assert (await llm.complete(prompt="first")).model == "smart"  # $0.045: the budget is now spent
     second = await llm.complete(prompt="second")
     assert second.model == "local" and second.cost_usd == 0 and "refused" in second.fallbacks_tried[0]
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date():
+    from email.utils import formatdate
+
+    from hydrabrain.shared.llm.providers import parse_retry_after
+
+    assert parse_retry_after("3") == 3.0
+    assert 8 <= parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10.5
+    assert parse_retry_after(formatdate(time.time() - 60, usegmt=True)) == 0.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
