@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import jsonschema
 from pydantic import BaseModel, Field
 
@@ -304,7 +305,8 @@ class LLM:
                 return self._from_cache(hit, "exact", tenant, feature, task, run)
         vector = None
         if self.config.semantic_cache and self.settings is not None:
-            vector, scope = self._semantic_vector(task, msgs, max_tokens)
+            # Embedding is CPU work: keep it off the event loop so other requests keep flowing.
+            vector, scope = await anyio.to_thread.run_sync(self._semantic_vector, task, msgs, max_tokens)
             found = self.ledger.semantic_get(scope_tenant, scope, vector, self.config.semantic_cache_threshold, self.config.cache_ttl_s)
             if found is not None:
                 return self._from_cache(found[0], "semantic", tenant, feature, task, run)
