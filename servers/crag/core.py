@@ -306,7 +306,8 @@ class Crag:
         judged = [_strip_context(docs[s.doc_index], s) for s in strips]
         scores = await self.evaluator.score(question, judged)
         costs = [self.embedder.count_tokens(s.text) for s in strips]
-        chosen = select(strips, scores, costs, budget, floor, RELATIVE_STRIP_FLOOR)
+        # With no floor (the uncertain fallback) every strip competes for the budget on score alone.
+        chosen = select(strips, scores, costs, budget, floor, RELATIVE_STRIP_FLOOR if floor > 0 else 0.0)
         trace.append(TraceStep(step="refine", detail=f"{len(docs)} document(s) -> {len(strips)} strip(s); kept {len(chosen)} (floor {floor:.3f}, budget {budget})"))
         out: list[KeptStrip] = []
         for i in chosen:
