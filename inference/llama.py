@@ -79,10 +79,13 @@ class PagedLlama:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate (N, H, D) by each row's logical position (N,), rotate-half layout."""
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (N, 1, D/2) of each row's logical position, computed once per forward."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (N, D/2)
-        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]  # (N, 1, D/2)
+        return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate (N, H, D) in the rotate-half layout: dimension f pairs with f + D/2."""
         half = self.head_dim // 2
         a, b = x[..., :half], x[..., half:]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
@@ -109,10 +112,11 @@ class PagedLlama:
         """One new token per sequence (B,), at logical ``positions`` (B,); returns logits (B, vocab)."""
         slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids])  # (B,)
         tables, lens = cache.tables(seq_ids)
+        cos, sin = self._angles(positions)
         x = self.embed[tokens]  # (B, hidden)
         for i, w in enumerate(self.layers):
             q, k, v = self._qkv(self._norm(x, w.attn_norm), w)
-            q, k = self._rope(q, positions), self._rope(k, positions)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             cache.write(i, slots, k, v)
             o = ops.paged_decode_attention(q.contiguous(), cache.k[i], cache.v[i], tables, lens, self.scale)  # (B, Hq, D)
             x = x + o.reshape(len(seq_ids), -1) @ w.wo
@@ -128,7 +132,7 @@ class PagedLlama:
         t = tokens.shape[0]
         history = cache.length(seq_id)
         slots = cache.append_slots(seq_id, t)
-        positions = torch.arange(start_position, start_position + t)
+        cos, sin = self._angles(torch.arange(start_position, start_position + t))
         # Query i sits at physical index history + i and sees every physical index up to it.
         mask = torch.arange(history + t)[None, :] <= (history + torch.arange(t))[:, None]  # (T, L)
         x = self.embed[tokens]  # (T, hidden)
@@ -136,7 +140,7 @@ class PagedLlama:
             q, k, v = self._qkv(self._norm(x, w.attn_norm), w)
             if query_hook is not None:
                 query_hook(i, q)
-            q, k = self._rope(q, positions), self._rope(k, positions)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             cache.write(i, slots, k, v)
             k_all, v_all = cache.gather(i, seq_id) if history else (k, v)  # (L, Hkv, D)
             o = F.scaled_dot_product_attention(

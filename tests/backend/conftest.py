@@ -45,3 +45,4 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     runner = PagedLlama(hf)
     stats = calibrate(runner, torch.tensor(tok.encode(CALIBRATION_TEXT, add_special_tokens=False)))
     return Tiny(folder, hf, tok, runner, stats)
+

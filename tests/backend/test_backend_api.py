@@ -1,0 +1,125 @@
+"""The OpenAI-compatible API served by uvicorn on loopback, spoken to through httpx."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from backend_http import served
+
+from hydrabrain.inference.api import build_app
+from hydrabrain.inference.engine import Engine
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def backend(tiny):
+    engine = Engine(tiny.runner, tiny.tokenizer, num_blocks=128, stats=tiny.stats, prefill_chunk=64, recent=32)
+    with served(build_app(engine, tiny.tokenizer, MODEL, default_max_tokens=24)) as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            yield client, engine
+
+
+def _events(response: httpx.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_the_model_list_names_the_served_model(backend):
+    client, _ = backend
+    listing = client.get("/v1/models").json()
+    assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == [MODEL]
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+
+
+def test_a_completion_returns_text_usage_and_a_finish_reason(backend, tiny):
+    client, _ = backend
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}).json()
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    [choice] = body["choices"]
+    assert choice["finish_reason"] in {"length", "stop"} and isinstance(choice["text"], str)
+    prompt_tokens = len(tiny.tokenizer.encode("Once upon a time", add_special_tokens=False))
+    assert body["usage"]["prompt_tokens"] == prompt_tokens
+    assert body["usage"]["total_tokens"] == prompt_tokens + body["usage"]["completion_tokens"]
+
+
+def test_a_streamed_chat_completion_sends_the_same_text_in_chunks_then_done(backend):
+    client, _ = backend
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=request).json()
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["role"] == "assistant"
+    with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-2]["usage"] == whole["usage"]
+
+
+def test_a_streamed_completion_ends_with_done(backend):
+    client, _ = backend
+    with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "abc", "max_tokens": 5, "stream": True, "seed": 1}) as response:
+        events = _events(response)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in {"length", "stop"}
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "param", "code"),
+    [
+        ("/v1/chat/completions", {"model": "gpt-nothing", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
+        ("/v1/chat/completions", {"model": MODEL}, 400, "messages", None),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x " * 1100}, 400, "prompt", "context_length_exceeded"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature", None),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_budget": 3}, 400, None, "invalid_request"),
+        ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors_with_the_right_status(backend, path, payload, status, param, code):
+    client, _ = backend
+    response = client.post(path, json=payload)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_malformed_json_and_unknown_routes_are_reported_in_the_same_shape(backend):
+    client, _ = backend
+    bad = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    missing = client.get("/v1/embeddings")
+    assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
+    wrong_method = client.get("/v1/completions")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(backend):
+    client, engine = backend
+    pool = engine.cache.pool
+    request = {"model": MODEL, "prompt": "word " * 200, "max_tokens": 700, "stream": True, "temperature": 0}
+    with client.stream("POST", "/v1/completions", json=request) as response:
+        lines = response.iter_lines()
+        seen = 0
+        for line in lines:
+            seen += line.startswith("data: ")
+            if seen == 3:
+                break
+        assert pool.num_used > 0  # the request holds blocks while it streams
+    deadline = time.monotonic() + 60
+    while pool.num_used and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pool.num_used == 0
+    assert not engine.running
