@@ -119,7 +119,9 @@ def _searxng_results(data: Any) -> list[Any] | None:
 def _brave_results(data: Any) -> list[Any] | None:
     if not isinstance(data, dict):
         return None
-    web = data.get("web", {"results": []}) if "web" in data or data.get("type") == "search" else None
+    web = data.get("web")
+    if web is None and data.get("type") == "search":
+        return []  # Brave leaves out the web block when nothing matched
     if isinstance(web, dict) and isinstance(web.get("results"), list):
         return web["results"]
     return None

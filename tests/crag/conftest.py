@@ -38,6 +38,15 @@ LOCAL_SOURCES = {
 }
 
 
+LOCAL_PAGES = {
+    "lumen-overview": (
+        "Lumen overview",
+        "# Lumen overview\n\nThe Lumen dashboard lives at lumen.internal/dash and shows hit rates per service.",
+        ["lumen-cache-md"],
+    ),
+}
+
+
 @pytest.fixture(scope="session")
 def embedder_session(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
     """Loads MiniLM once for the whole session (each test still gets its own data home)."""
@@ -55,7 +64,7 @@ def web() -> Iterator[SearchServer]:
 @pytest.fixture
 def crag_settings(settings: Settings, web: SearchServer, embedder_session: Embedder) -> Settings:
     """Settings with the local wiki indexed and web search pointed at the loopback server."""
-    index_wiki(settings, get_embedder(settings), LOCAL_SOURCES)
+    index_wiki(settings, get_embedder(settings), LOCAL_SOURCES, LOCAL_PAGES)
     settings.crag.web_search_url = web.url
     settings.crag.allow_private_urls = True  # the test web lives on 127.0.0.1
     settings.crag.web_timeout_s = 1.0

@@ -33,6 +33,13 @@ async def test_a_question_the_wiki_answers_is_correct_and_cited_by_wiki_source_i
     assert [t["step"] for t in out["trace"]][:2] == ["retrieve", "evaluate"]
 
 
+async def test_content_from_a_compiled_wiki_page_is_cited_by_its_slug(crag_settings: Settings) -> None:
+    out = await _retrieve(crag_settings, question="Where does the Lumen dashboard live?")
+    assert out["action"] == "correct"
+    assert "lumen.internal/dash" in out["context"]
+    assert out["strips"][0]["citation"] == {"source": "page:lumen-overview", "origin": "wiki", "title": "Lumen overview"}
+
+
 async def test_a_question_only_the_web_answers_is_rewritten_searched_fetched_and_cited_by_url(crag_settings: Settings, web: SearchServer) -> None:
     out = await _retrieve(crag_settings, question="How often does Heron DB compact its log?")
     assert out["action"] == "incorrect"
