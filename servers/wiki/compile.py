@@ -30,6 +30,7 @@ from hydrabrain.servers.wiki.store import sha256
 LEAD_SENTENCES = 3
 KEY_POINTS = 5
 QUOTES_PER_SOURCE = 3
+MAX_QUOTED_SOURCES = 12
 
 
 @dataclass
@@ -199,8 +200,15 @@ def build_source_page(source: SourceInfo, text: str, term_pages: Mapping[str, st
 
 
 def build_term_page(key: str, name: str, kind: str, sources: list[tuple[SourceInfo, str]], updated: str) -> str:
-    """The page for an entity or concept: what each source that mentions it says, cited."""
-    out = [f"# {name}", "", f"*{kind.capitalize()} mentioned in {len(sources)} sources.*", "", "## What the sources say", ""]
+    """The page for an entity or concept: what each source that mentions it says, cited.
+
+    Quotes come from the most recently ingested sources, at most MAX_QUOTED_SOURCES of them, so a
+    name that thousands of sources mention still gets a page a reader (and the embedder) can take in.
+    """
+    total = len(sources)
+    sources = sorted(sources, key=lambda st: st[0].ingested, reverse=True)[:MAX_QUOTED_SOURCES]
+    sources.sort(key=lambda st: st[0].id)
+    out = [f"# {name}", "", f"*{kind.capitalize()} mentioned in {total} sources.*", "", "## What the sources say", ""]
     used: list[SourceInfo] = []
     for source, text in sources:
         quotes = [s for s in sentences(source_body(text)) if mentions(strip_markup(s), name) and _good_sentence(strip_markup(s))]

@@ -131,16 +131,16 @@ class Wiki:
         return self._sources
 
     def _put_page(self, slug: str, text: str) -> PageInfo:
+        pages = self.pages()  # before the write: afterwards the folder's new mtime would force a reload
         atomic_write(self.files.page_path(slug), text)
         info = comp.parse_page(slug, text)
-        pages = self.pages()
         pages[slug] = info
         self._pages_stamp = self.files.pages_dir.stat().st_mtime
         return info
 
     def _put_source(self, info: SourceInfo, text: str) -> list[Path]:
-        paths = self.files.write_source(info.id, text, info.meta())
         sources = self.sources()
+        paths = self.files.write_source(info.id, text, info.meta())
         sources[info.id] = info
         self._sources_stamp = self.files.raw_dir.stat().st_mtime
         return paths
@@ -263,13 +263,25 @@ class Wiki:
     def _index_chunks(self, staged: Sequence[tuple[SourceInfo, str]]) -> None:
         items = []
         for info, text in staged:
-            if self.vectors.count({"kind": "chunk", "source_id": info.id}):
-                self.retriever.remove(where={"kind": "chunk", "source_id": info.id})
+            self._drop_items({"kind": "chunk", "source_id": info.id})
             for n, piece in enumerate(split_chunks(comp.source_body(text))):
                 payload = {"kind": "chunk", "source_id": info.id, "title": info.title, "injection": bool(info.injection_flags)}
                 items.append((f"chunk:{info.id}:{n}", f"{info.title}\n\n{piece}", payload))
             self.graph.upsert_node(f"source:{info.id}", "Source", {"title": info.title, "version": info.version})
         self.retriever.index(items)
+
+    def _drop_items(self, where: dict[str, str]) -> None:
+        """Remove the indexed items matching `where`, found through the vector store's payload index:
+        deleting by id keeps the keyword index from scanning every row's metadata."""
+        count = self.vectors.count(where)
+        if not count:
+            return
+        probe = np.full(EMBEDDING_DIM, 1.0 / np.sqrt(EMBEDDING_DIM), dtype=np.float32)
+        ids = [hit.id for hit in self.vectors.search(probe, count, where)]
+        if len(ids) == count:
+            self.retriever.remove(ids=ids)
+        else:
+            self.retriever.remove(where=where)
 
     def _term_sources(self) -> dict[str, tuple[str, str, list[str]]]:
         """term key -> (display name, kind, source ids mentioning it)."""
@@ -333,9 +345,7 @@ class Wiki:
         items = []
         slugs = list(dict.fromkeys(slugs))
         for slug in slugs:
-            # Only a page indexed before has sections to drop (the keyword index scans to find them).
-            if self.vectors.count({"kind": "page", "slug": slug}):
-                self.retriever.remove(where={"kind": "page", "slug": slug})
+            self._drop_items({"kind": "page", "slug": slug})
             page = pages.get(slug)
             if page is None:
                 continue

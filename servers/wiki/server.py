@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.resources.types import FunctionResource
+from mcp.shared.exceptions import MCPDeprecationWarning
 from pydantic import Field
 
 from hydrabrain.servers.wiki.core import ConflictError, NotFound, Wiki
@@ -228,7 +230,9 @@ async def _client_log(ctx: Context, state: WikiState, level: str, message: str) 
     """A log notification for the client, at or above the level it asked for."""
     if _LEVELS.index(level) < _LEVELS.index(state.client_log_level):
         return
-    with contextlib.suppress(Exception):  # a client that takes no log messages is not an error
+    with contextlib.suppress(Exception), warnings.catch_warnings():  # a client that takes no log messages is not an error
+        # Deprecated in the 2026-07-28 revision, still how 2025-era clients hear from a server.
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
         await ctx.log(level, message, logger_name="hydrabrain.wiki")  # type: ignore[arg-type]
 
 
