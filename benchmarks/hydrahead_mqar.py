@@ -174,7 +174,11 @@ def main(argv=None) -> int:
                         help="plain FA heads without the short convolution (learns recall far more slowly)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
     parser.add_argument("--out", default=str(RESULTS / "hydrahead_mqar.json"))
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="combine runs made with one seed each (in parallel) into --out, its table and its plot")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     if args.quick:
         args.seeds, args.steps, args.eval_samples, args.scales, args.probe_samples = [0], 30, 32, [1, 2], 8
     torch.set_num_threads(args.threads)
@@ -233,6 +237,33 @@ def save(args, argv, records, selections, params, wall) -> None:
     tmp.replace(out)
 
 
+def merge(paths: list[str], out: Path) -> int:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    config = dict(runs[0]["config"])
+    for run in runs[1:]:
+        differing = {k for k, v in run["config"].items() if k not in ("seeds", "merge") and config.get(k) != v}
+        if differing:
+            raise SystemExit(f"cannot merge runs whose settings differ in {sorted(differing)}")
+    config["seeds"] = sorted(seed for run in runs for seed in run["config"]["seeds"])
+    records = [r for run in runs for r in run["records"]]
+    payload = {
+        "command": [run["command"] for run in runs],
+        "config": config,
+        "parameters": runs[0]["parameters"],
+        "wall_seconds": [run["wall_seconds"] for run in runs],
+        "records": records,
+        "selections": [s for run in runs for s in run["selections"]],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(out)
+    args = argparse.Namespace(**config)
+    print(summarise(records, args))
+    plot(records, args, out.with_suffix(".png"))
+    return 0
+
+
 def _mean(xs):
     return sum(xs) / len(xs)
 
@@ -242,7 +273,7 @@ def summarise(records, args) -> str:
     anchor = {
         n: _mean([r["accuracy"] for r in records if r["variant"] == "layer 1:3" and r["length"] == n]) for n in lengths
     }
-    head = f"{'variant':<18}" + "".join(f"{'acc@' + str(n):>16}" for n in lengths) + f"{'B/token@' + str(lengths[-1]):>14}{'x anchor':>9}"
+    head = f"{'variant':<18}" + "".join(f"{'acc@' + str(n):>21}" for n in lengths) + f"{'B/token@' + str(lengths[-1]):>14}{'x anchor':>9}"
     lines = [head, "-" * len(head)]
     anchor_bytes = _mean([r["kv_bytes_per_token"] for r in records if r["variant"] == "layer 1:3" and r["length"] == lengths[-1]])
     for v in VARIANTS:
@@ -252,7 +283,7 @@ def summarise(records, args) -> str:
             ratio = _mean(accs) / anchor[n] if anchor[n] else float("nan")
             cells.append(f"{_mean(accs):.3f}±{(max(accs) - min(accs)) / 2:.3f} ({ratio:.2f})")
         b = _mean([r["kv_bytes_per_token"] for r in records if r["variant"] == v and r["length"] == lengths[-1]])
-        lines.append(f"{v:<18}" + "".join(f"{c:>16}" for c in cells) + f"{b:>14.0f}{b / anchor_bytes:>9.2f}")
+        lines.append(f"{v:<18}" + "".join(f"{c:>21}" for c in cells) + f"{b:>14.0f}{b / anchor_bytes:>9.2f}")
     lines.append("accuracy: mean ± half-range over seeds (ratio to the layer-wise 1:3 anchor); bytes: FA K/V + GDN state + conv state, fp32")
     return "\n".join(lines)
 
