@@ -73,7 +73,7 @@ def _compile_all() -> dict[str, int]:
     build(
         chunk._prepare_kernel,
         dict(k=bf, v=bf, g=f32, beta=f32, gamma=f32, w=bf, u=bf, a_inv=f32, T=i32),
-        dict(gdn, BK=64, BV=64, STORE_INV=True),
+        dict(gdn, BK=64, BV=64, STORE_INV=True, LOG_BT=6),
         num_warps=8,
     )
     build(

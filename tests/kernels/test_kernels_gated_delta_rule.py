@@ -117,6 +117,19 @@ def test_steep_decay_neither_overflows_nor_loses_the_state(kernel):
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_near_parallel_keys_with_full_beta_keep_the_chunk_inverse_exact(kernel):
+    # (I + A) is then close to all-ones below the diagonal: a series for its inverse would cancel wildly
+    q, k, v, g, beta, h0 = make_inputs(1, 130, 2, 60, 16, with_state=True, seed=17)
+    k = F.normalize(k[:, :1].expand_as(k) + 1e-3 * k, dim=-1)
+    beta = torch.ones_like(beta)
+    g = g * 0.01
+    o, ht = KERNELS[kernel](q, k, v, g, beta, None, h0, True)
+    o_ref, ht_ref = recurrent_gated_delta_rule_ref(q, k, v, g, beta, None, h0, True)
+    assert rel_err(o, o_ref) < FP32_OUTPUT_RTOL
+    assert rel_err(ht, ht_ref) < FP32_STATE_RTOL
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_bf16_inputs_keep_an_fp32_state_and_stay_close_to_the_reference(kernel):
     q, k, v, g, beta, h0 = make_inputs(1, 130, 2, 60, 60, with_state=True, dtype=torch.bfloat16, seed=5)
     o, ht = KERNELS[kernel](q, k, v, g, beta, None, h0, True)
