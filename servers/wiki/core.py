@@ -357,7 +357,8 @@ class Wiki:
                 if not plain:
                     continue
                 label = f"{page.title} — {heading}" if heading else page.title
-                payload = {"kind": "page", "slug": slug, "title": page.title, "sources": page.sources, "type": page.type}
+                cites = [c for c in citations(text) if c in self.sources()]
+                payload = {"kind": "page", "slug": slug, "title": page.title, "sources": page.sources, "cites": cites, "type": page.type}
                 items.append((f"page:{slug}:{n}", f"{label}\n\n{plain}", payload))
             self._link_page(page)
         self.retriever.index(items)
@@ -464,7 +465,9 @@ class Wiki:
             sources = [str(s) for s in hit.payload.get("sources") or []]
             page = self.pages().get(slug)
             flags = list((page.meta.get("injection_flags") or []) if page else [])
-            citation = " ".join(f"[^{s}]" for s in sources) or f"[[{slug}]]"
+            # Cite what this section cites; a section that cites nothing stands for its page.
+            cited = [str(s) for s in hit.payload.get("cites") or []]
+            citation = " ".join(f"[^{s}]" for s in cited) or f"[[{slug}]]"
             uri = f"wiki://page/{slug}"
         else:
             sid = str(hit.payload.get("source_id"))
