@@ -110,7 +110,7 @@ def _prepare_kernel(
 
 
 @_maybe_autotune(
-    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (16, 32, 64) for nw in (4, 8) for s in (1, 2)],
+    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=s) for bv in (32, 64) for nw in (4, 8) for s in (1, 2)],
     key=["K", "V"],
 )
 @triton.jit

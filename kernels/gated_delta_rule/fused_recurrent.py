@@ -34,7 +34,7 @@ def _maybe_autotune(configs, key):
 
 
 @_maybe_autotune(
-    configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=s) for bv in (16, 32, 64) for w in (1, 2, 4) for s in (1, 2)],
+    configs=[triton.Config({"BV": bv}, num_warps=w, num_stages=1) for bv in (16, 32, 64) for w in (1, 2, 4)],
     key=["K", "V"],
 )
 @triton.jit
