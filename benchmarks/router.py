@@ -22,10 +22,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "router"))
@@ -41,6 +44,7 @@ from hydrabrain.servers.router.server import build_server  # noqa: E402
 from hydrabrain.shared.config import BudgetConfig, ModelPrice, ProviderConfig, load_settings  # noqa: E402
 from hydrabrain.shared.llm import llm_from_settings  # noqa: E402
 from hydrabrain.shared.llm.providers import Provider  # noqa: E402
+from hydrabrain.shared.serving import new_server  # noqa: E402
 
 ECHO = str(ROOT / "tests" / "router" / "echo_server.py")
 
@@ -80,24 +84,36 @@ async def routing_overhead(calls: int, home: Path) -> dict[str, Any]:
 
     Provider.complete = timed
     totals: list[float] = []
-    try:
-        for i in range(calls + 20):
-            provider_time.clear()
-            started = time.perf_counter()
-            await llm.complete(prompt=f"request {i}: summarise the change log", task="bulk" if i % 2 else "code", tenant="bench", feature="bench")
-            total = time.perf_counter() - started
-            if i >= 20:  # warm-up
-                totals.append((total, sum(provider_time)))
-    finally:
-        Provider.complete = original
-        await llm.aclose()
-        fake.stop()
+    direct: list[float] = []
+    async with httpx.AsyncClient(trust_env=False) as plain:
+        try:
+            for i in range(calls + 20):
+                prompt = f"request {i}: summarise the change log"
+                provider_time.clear()
+                started = time.perf_counter()
+                await llm.complete(prompt=prompt, task="bulk" if i % 2 else "code", tenant="bench", feature="bench")
+                total = time.perf_counter() - started
+                # The anchor: the same request posted straight to the provider, no router.
+                started = time.perf_counter()
+                response = await plain.post(f"{fake.base_url}/chat/completions", json={"model": "small", "messages": [{"role": "user", "content": prompt}]})
+                response.json()["choices"][0]["message"]["content"]
+                straight = time.perf_counter() - started
+                if i >= 20:  # warm-up
+                    totals.append((total, sum(provider_time)))
+                    direct.append(straight * 1000)
+        finally:
+            Provider.complete = original
+            await llm.aclose()
+            fake.stop()
     overhead = [(t - p) * 1000 for t, p in totals]
     http = [p * 1000 for _, p in totals]
+    routed = [t * 1000 for t, _ in totals]
     return {
         "calls": calls,
         "overhead_ms_p50": pct(overhead, 50), "overhead_ms_p99": pct(overhead, 99),
         "provider_http_ms_p50": pct(http, 50), "provider_http_ms_p99": pct(http, 99),
+        "routed_call_ms_p50": pct(routed, 50), "routed_call_ms_p99": pct(routed, 99),
+        "direct_call_ms_p50": pct(direct, 50), "direct_call_ms_p99": pct(direct, 99),
         "overhead_over_http_p50": pct(overhead, 50) / pct(http, 50),
     }
 
@@ -105,8 +121,16 @@ async def routing_overhead(calls: int, home: Path) -> dict[str, Any]:
 # --- 2. gateway overhead --------------------------------------------------------------------------
 
 
-def echo_server() -> MCPServer:
-    server = MCPServer(name="echo")
+def echo_server(suite: bool = False) -> MCPServer:
+    """An echo tool on a bare SDK server, or on one built like the suite's servers (tracing middleware, logging)."""
+    if suite:
+        @asynccontextmanager
+        async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
+            yield None
+
+        server = new_server("echo", instructions="Echoes.", lifespan=lifespan, settings=load_settings())
+    else:
+        server = MCPServer(name="echo")
 
     @server.tool()
     async def echo(text: str) -> str:
@@ -146,15 +170,18 @@ async def interleaved(direct: Client, direct_tool: str, routed: Client, routed_t
 async def gateway_overhead(calls: int, home: Path) -> dict[str, Any]:
     settings = settings_with(home, [])
     out: dict[str, Any] = {"calls": calls}
-    mount = Mount(prefix="echo", connect=lambda **kw: Client(echo_server(), cache=None, **kw), source="in-process")
-    async with Client(echo_server()) as direct, Client(build_server(settings, extra_mounts=[mount])) as routed:
-        out["in_memory"] = await interleaved(direct, "echo", routed, "echo_echo", calls)
+    for name, suite in (("in_memory_suite_server", True), ("in_memory_bare_sdk_server", False)):
+        mount = Mount(prefix="echo", connect=lambda suite=suite, **kw: Client(echo_server(suite), cache=None, **kw), source="in-process")
+        async with Client(echo_server(suite)) as direct, Client(build_server(settings, extra_mounts=[mount])) as routed:
+            out[name] = await interleaved(direct, "echo", routed, "echo_echo", calls)
 
     # The suite's shape: the client reaches the router over stdio, the router holds the server in process.
     stdio_echo = StdioServerParameters(command=sys.executable, args=[ECHO, "stdio"])
     own = StdioServerParameters(command=sys.executable, args=[__file__, "--serve-router-with-echo", str(home / "served")],
                                 env={**os.environ, "HYDRABRAIN_LOG_LEVEL": "WARNING"})
-    async with Client(stdio_echo) as direct, Client(own) as routed:
+    suite_echo = StdioServerParameters(command=sys.executable, args=[__file__, "--serve-suite-echo"],
+                                       env={**os.environ, "HYDRABRAIN_LOG_LEVEL": "WARNING"})
+    async with Client(suite_echo) as direct, Client(own) as routed:
         out["stdio_to_in_process"] = await interleaved(direct, "echo", routed, "echo_echo", calls)
 
     # An external server: two stdio hops against one.
@@ -234,14 +261,16 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"\nRouting overhead per complete() call ({ro['calls']} calls, provider latency excluded)")
     print(f"  {'':28}{'p50 ms':>10}{'p99 ms':>10}")
     print(f"  {'router overhead':28}{ro['overhead_ms_p50']:>10.3f}{ro['overhead_ms_p99']:>10.3f}")
-    print(f"  {'anchor: the HTTP request':28}{ro['provider_http_ms_p50']:>10.3f}{ro['provider_http_ms_p99']:>10.3f}")
+    print(f"  {'HTTP request inside it':28}{ro['provider_http_ms_p50']:>10.3f}{ro['provider_http_ms_p99']:>10.3f}")
+    print(f"  {'whole routed call':28}{ro['routed_call_ms_p50']:>10.3f}{ro['routed_call_ms_p99']:>10.3f}")
+    print(f"  {'anchor: direct httpx call':28}{ro['direct_call_ms_p50']:>10.3f}{ro['direct_call_ms_p99']:>10.3f}")
     print(f"  overhead / request (p50): {ro['overhead_over_http_p50']:.2f}")
     g = r["gateway"]
     print(f"\nGateway overhead per tool call ({g['calls']} calls)")
-    print(f"  {'client -> router -> server':22}{'direct p50':>12}{'proxied p50':>13}{'direct p99':>12}{'proxied p99':>13}{'ratio p50':>11}")
-    for name in ("in_memory", "stdio_to_in_process", "stdio_to_stdio"):
+    print(f"  {'client -> router -> server':28}{'direct p50':>12}{'proxied p50':>13}{'direct p99':>12}{'proxied p99':>13}{'ratio p50':>11}")
+    for name in ("in_memory_suite_server", "in_memory_bare_sdk_server", "stdio_to_in_process", "stdio_to_stdio"):
         x = g[name]
-        print(f"  {name:22}{x['direct_ms_p50']:>12.3f}{x['proxied_ms_p50']:>13.3f}{x['direct_ms_p99']:>12.3f}{x['proxied_ms_p99']:>13.3f}{x['ratio_p50']:>11.2f}")
+        print(f"  {name:28}{x['direct_ms_p50']:>12.3f}{x['proxied_ms_p50']:>13.3f}{x['direct_ms_p99']:>12.3f}{x['proxied_ms_p99']:>13.3f}{x['ratio_p50']:>11.2f}")
     w = r["workload"]
     print(f"\nMixed workload ({w['calls']} calls): cost against always using the most capable model")
     print(f"  {'quality':10}{'cost $':>10}{'saved':>8}{'mean tier':>11}{'top tier':>10}  calls by model")
@@ -254,13 +283,16 @@ def print_table(r: dict[str, Any]) -> None:
 def serve_router_with_echo(home: str) -> None:
     """The router over stdio with the echo server mounted in process, as the suite's servers are."""
     settings = settings_with(Path(home), [])
-    mount = Mount(prefix="echo", connect=lambda **kw: Client(echo_server(), cache=None, **kw), source="in-process")
+    mount = Mount(prefix="echo", connect=lambda **kw: Client(echo_server(suite=True), cache=None, **kw), source="in-process")
     build_server(settings, extra_mounts=[mount]).run("stdio")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-router-with-echo":
         serve_router_with_echo(sys.argv[2])
+        sys.exit(0)
+    if len(sys.argv) == 2 and sys.argv[1] == "--serve-suite-echo":
+        echo_server(suite=True).run("stdio")
         sys.exit(0)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
