@@ -277,3 +277,18 @@ def test_the_cli_ingests_a_folder_with_progress_then_lints_maintains_reindexes_a
     assert "[^beta-service]" in capsys.readouterr().out
     assert cli_main(["wiki", "ingest", str(tmp_path / "missing.md")]) == 1
     assert "no file at" in capsys.readouterr().out
+
+
+def test_the_wiki_indexes_into_a_qdrant_server_through_qdrant_client(settings: Settings) -> None:
+    settings.vectors.url = ":memory:"  # qdrant-client's in-process mode answers the server's API
+    wiki = Wiki(settings)
+    try:
+        wiki.ingest(ALPHA)
+        wiki.ingest(BETA)
+        wiki.ingest(BETA.replace("since May", "since June"))  # a new version replaces the old passages
+        assert wiki.vectors.count({"kind": "chunk", "source_id": "beta-service"}) == 1
+        hits = wiki.search("who reads invoices from Alpha", k=5).hits
+        assert hits and any("beta-service" in h.source_ids for h in hits)
+        assert "since June" in " ".join(h.snippet for h in hits if h.id.startswith("chunk:beta-service"))
+    finally:
+        wiki.close()
