@@ -189,16 +189,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'category':<24}{'n':>4}{'memory':>9}{'baseline':>10}{'diff':>8}")
             for cat, row in results["quality"]["table"].items():
                 print(f"{cat:<24}{row['questions']:>4}{row['server']:>9.1f}{row['baseline']:>10.1f}{row['server'] - row['baseline']:>+8.1f}")
-        settings = load_settings(home=Path(tmp) / "embed")
-        from hydrabrain.shared.embeddings import get_embedder
-
-        base = synthetic_texts(args.distinct)
-        base_vectors = get_embedder(settings).embed(base)
         queries = [q["question"] for q in questions] + [f"What happened to {s}?" for s in SUBJECTS]
-        results["latency"] = [latency(Path(tmp) / f"lat{n}", n, base, base_vectors, queries, args.sigma) for n in args.sizes]
+        if args.sizes:
+            from hydrabrain.shared.embeddings import get_embedder
+
+            base = synthetic_texts(args.distinct)
+            base_vectors = get_embedder(load_settings(home=Path(tmp) / "embed")).embed(base)
+            results["latency"] = [latency(Path(tmp) / f"lat{n}", n, base, base_vectors, queries, args.sigma) for n in args.sizes]
+        elif RESULTS.exists():
+            # Quality only: keep the latency rows of the last full run.
+            previous = json.loads(RESULTS.read_text(encoding="utf-8"))
+            results["latency"] = previous.get("latency", [])
+            results["latency_command"] = previous.get("latency_command", previous.get("command"))
     print(f"\nRecall latency ({len(queries)} queries, k=8; anchor: plain dense top-k on the same store)")
     print(f"{'episodes':>9}{'load s':>8}{'recall p50':>12}{'p99':>9}{'dense p50':>11}{'p99':>9}{'ratio p50':>11}")
-    for row in results["latency"]:
+    for row in results.get("latency", []):
         ratio = row["recall_p50_ms"] / max(row["dense_p50_ms"], 1e-6)
         print(f"{row['episodes']:>9}{row['load_s']:>8.1f}{row['recall_p50_ms']:>10.1f}ms{row['recall_p99_ms']:>7.1f}ms{row['dense_p50_ms']:>9.1f}ms{row['dense_p99_ms']:>7.1f}ms{ratio:>10.1f}x")
     if args.skip_quality and RESULTS.exists():

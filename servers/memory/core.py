@@ -362,6 +362,10 @@ class MemoryService:
             if not episodes:
                 return ConsolidationResult([], [], 0)
             vectors = self.embedder.embed([e.text for e in episodes])
+            if session_id is not None:
+                # A dead end met once per session is still a dead end: bring in its look-alikes from other sessions.
+                episodes = episodes + self._look_alikes(user, episodes, vectors)
+                vectors = self.embedder.embed([e.text for e in episodes])
             lesson_vectors = self._lesson_vectors(user, existing)
             created, updated = lesson_logic.consolidate(
                 user, team, episodes, vectors, existing, lesson_vectors,
@@ -375,6 +379,17 @@ class MemoryService:
                 self._index_lessons(changed)
             log_event(log, "consolidated", user=user, session_id=session_id, created=len(created), updated=len(updated))
             return ConsolidationResult(created, updated, len(episodes))
+
+    def _look_alikes(self, user: str, episodes: Sequence[Episode], vectors: np.ndarray, per_episode: int = 20) -> list[Episode]:
+        """Attempts and outcomes from other sessions close enough to join these episodes' lessons."""
+        have = {e.id for e in episodes}
+        found: list[str] = []
+        for vector in vectors:
+            for hit in self.vectors.search(vector, per_episode, where={"user": user, "kind": ["attempt", "outcome"]}):
+                if hit.score >= self.cfg.lesson_similarity and hit.id not in have:
+                    have.add(hit.id)
+                    found.append(hit.id)
+        return self.log.episodes(user=user, ids=found)
 
     def _lesson_vectors(self, user: str, lessons: Sequence[Lesson]) -> np.ndarray:
         """Each lesson as the centroid of its evidence, so merging compares like with like."""

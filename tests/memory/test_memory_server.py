@@ -98,6 +98,17 @@ async def test_ending_a_session_consolidates_that_session_and_grows_an_existing_
         assert "ended" in await fails(client, "remember", session_id=first, text="late note")
 
 
+async def test_a_dead_end_met_once_in_each_of_two_sessions_becomes_a_lesson_when_the_second_ends(settings: Settings) -> None:
+    async with Client(build_server(settings)) as client:
+        first = await session(client)
+        one = await call(client, "remember", session_id=first, text="Clearing the Gradle cache did not fix the Android build error; it failed again.", kind="attempt")
+        assert (await call(client, "end_session", session_id=first))["lessons_created"] == []
+        second = await session(client)
+        two = await call(client, "remember", session_id=second, text="Wiped the Gradle cache once more; the Android build still fails with the same error.", kind="attempt")
+        [lesson] = (await call(client, "end_session", session_id=second))["lessons_created"]
+        assert sorted(lesson["evidence"]) == sorted([one["memory_id"], two["memory_id"]])
+
+
 async def test_recall_returns_episodes_and_lessons_with_where_and_when_they_came_from(settings: Settings) -> None:
     async with Client(build_server(settings)) as client:
         sid = await session(client)
