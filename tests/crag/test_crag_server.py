@@ -80,6 +80,22 @@ async def test_a_provider_that_times_out_fails_or_talks_garbage_is_reported_and_
     assert any(reason in t["detail"] for t in out["trace"])
 
 
+async def test_an_ambiguous_retrieval_combines_internal_strips_with_a_web_search(crag_settings: Settings, web: SearchServer) -> None:
+    # Thresholds so strict that a relevant wiki chunk lands between them.
+    crag_settings.crag.upper_threshold = 0.9999
+    crag_settings.crag.lower_threshold = 0.05
+    out = await _retrieve(crag_settings, question="How long does the Lumen cache keep an entry before evicting it?")
+    assert out["action"] == "ambiguous" and out["uncertain"] is True and out["confidence"] == 0.5
+    assert web.queries and out["rewritten_query"] == web.queries[0]
+    assert "90 seconds" in out["context"]
+    assert out["web_used"] is True
+    # Both kinds of evidence were judged together; the web page on the same cache passed the floor
+    # and competed with the wiki's strips for the budget.
+    web_docs = [d for d in out["documents"] if d["citation"]["origin"] == "web"]
+    assert any(d["citation"]["title"] == "Tuning the Lumen cache" and d["score"] >= 0.05 for d in web_docs)
+    assert any(t["step"] == "evaluate" and t["detail"].startswith("web:") for t in out["trace"])
+
+
 async def test_allow_web_false_keeps_the_call_internal(crag_settings: Settings, web: SearchServer) -> None:
     out = await _retrieve(crag_settings, question="How often does Heron DB compact its log?", allow_web=False)
     assert web.queries == [] and out["web_used"] is False and "allow_web" in out["web_error"]
