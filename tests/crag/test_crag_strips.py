@@ -1,8 +1,14 @@
-"""Decompose-then-recompose without a model: sentence splitting, strips and the budgeted selection."""
+"""The parts that need no model: strips and their selection, the action rule, the keyword rewrite, the calibration file."""
 
 from __future__ import annotations
 
-from hydrabrain.servers.crag.evaluator import decide
+from pathlib import Path
+
+import pytest
+
+from hydrabrain.servers.crag.core import evaluator_info
+from hydrabrain.servers.crag.evaluator import MiniLMEvaluator, ThresholdsError, decide, load_calibration, shipped_thresholds_path
+from hydrabrain.shared.config import Settings
 from hydrabrain.servers.crag.strips import decompose, select, split_sentences, windows
 from hydrabrain.servers.crag.websearch import keyword_query
 
@@ -57,3 +63,21 @@ def test_the_papers_rule_maps_scores_to_actions() -> None:
 def test_keyword_rewrite_keeps_content_words_and_quoted_phrases() -> None:
     assert keyword_query("How often does Heron DB compact its log?") == "often heron db compact log"
     assert keyword_query('What does the "max retries" option of Quartz do?') == '"max retries" option quartz'
+
+
+def test_a_missing_or_broken_calibration_file_says_how_to_regenerate_it(tmp_path: Path) -> None:
+    with pytest.raises(ThresholdsError, match="hydrabrain crag calibrate"):
+        load_calibration(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"features": ["maxsim"], "upper": 0.9}')
+    with pytest.raises(ThresholdsError, match="other features"):
+        load_calibration(broken)
+    shipped = load_calibration(shipped_thresholds_path())
+    assert 0 < shipped.lower < shipped.upper < 1
+
+
+def test_thresholds_set_the_wrong_way_round_are_refused(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="lower must not exceed upper"):
+        MiniLMEvaluator(object(), load_calibration(), upper=0.3, lower=0.6)  # type: ignore[arg-type]
+    settings.crag.upper_threshold = 0.9
+    assert evaluator_info(settings).upper_threshold == 0.9
