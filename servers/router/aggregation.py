@@ -197,6 +197,24 @@ class Aggregator:
         ds.templates = await _all_pages(client.list_resource_templates, "resource_templates") if caps.resources else []
         ds.prompts = await _all_pages(client.list_prompts, "prompts") if caps.prompts else []
 
+    async def refresh(self, kind: str) -> None:
+        """Re-read one listing from every live downstream, concurrently; a slow or failing one keeps its last listing."""
+        attr, fetch_name, field_name, capability = _LISTINGS[kind]
+
+        async def one(ds: Downstream) -> None:
+            client = ds.client
+            if ds.state != "up" or client is None or not getattr(client.server_capabilities, capability):
+                return
+            with anyio.move_on_after(min(5.0, ds.mount.timeout_s)):
+                try:
+                    setattr(ds, attr, await _all_pages(getattr(client, fetch_name), field_name))
+                except Exception as exc:  # noqa: BLE001 - a stale listing beats none
+                    log_event(log, "listing refresh failed", level=30, prefix=ds.prefix, kind=kind, error=_describe(exc))
+
+        async with anyio.create_task_group() as tg:
+            for ds in self.downstreams.values():
+                tg.start_soon(one, ds)
+
     def request_restart(self, prefix: str, reason: str) -> None:
         ds = self.downstreams[prefix]
         if ds.state == "up":
@@ -381,6 +399,14 @@ async def _all_pages(fetch: Callable[..., Any], attr: str) -> list[Any]:
     return items
 
 
+# kind -> (Downstream attribute, Client method, result field, server capability)
+_LISTINGS = {
+    "tools": ("tools", "list_tools", "tools", "tools"),
+    "resources": ("resources", "list_resources", "resources", "resources"),
+    "templates": ("templates", "list_resource_templates", "resource_templates", "resources"),
+    "prompts": ("prompts", "list_prompts", "prompts", "prompts"),
+}
+
 _TEMPLATE_VAR = re.compile(r"\{[^}]+\}")
 
 
@@ -405,6 +431,9 @@ class AggregatingMiddleware:
         method = ctx.method
         params = dict(ctx.params or {})
         if method == "tools/list":
+            # Listings are re-read live (in-process mounts answer in well under a millisecond), so pages a
+            # server created, or tools it added, show up without a restart.
+            await agg.refresh("tools")
             result = await call_next(ctx)
             own = {t["name"] for t in result.get("tools", [])}
             extra = []
@@ -418,6 +447,7 @@ class AggregatingMiddleware:
         if method == "tools/call" and params.get("name") in agg.tool_table():
             return await agg.call_tool(params["name"], params.get("arguments") or {}, ctx)
         if method == "prompts/list":
+            await agg.refresh("prompts")
             result = await call_next(ctx)
             extra = []
             for name, (_, prompt) in agg.prompt_table().items():
@@ -431,11 +461,13 @@ class AggregatingMiddleware:
             except DownstreamDown as exc:
                 raise MCPError(INTERNAL_ERROR, str(exc)) from None
         if method == "resources/list":
+            await agg.refresh("resources")
             result = await call_next(ctx)
             extra = [r.model_dump(by_alias=True, mode="json", exclude_none=True)
                      for ds in agg.downstreams.values() for r in ds.resources]
             return {**result, "resources": [*result.get("resources", []), *extra]}
         if method == "resources/templates/list":
+            await agg.refresh("templates")
             result = await call_next(ctx)
             extra = [t.model_dump(by_alias=True, mode="json", exclude_none=True)
                      for ds in agg.downstreams.values() for t in ds.templates]

@@ -200,6 +200,14 @@ async def test_an_in_process_server_can_be_mounted_and_its_errors_pass_through(s
         with pytest.raises(MCPError):
             await client.read_resource("nowhere://x")
 
+        def square(x: float) -> float:
+            """Square a number."""
+            return x * x
+
+        inner.add_tool(square)  # a tool the server gains while mounted shows up on the next listing
+        assert "calc_square" in {t.name for t in (await client.list_tools()).tools}
+        assert (await client.call_tool("calc_square", {"x": 3})).structured_content == {"result": 9}
+
 
 async def test_a_cancelled_call_is_cancelled_downstream_too(settings, tmp_path):
     marker = tmp_path / "cancelled"
