@@ -12,9 +12,11 @@ original rides in the payload under ``_id``. Filters are ``{field: value}`` (equ
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,8 +76,22 @@ def _payload(point: VectorPoint) -> dict[str, Any]:
     return payload
 
 
+class StoreBusy(RuntimeError):
+    """Another process has held the collection for longer than we are willing to wait."""
+
+
 class EdgeVectorStore:
-    """Qdrant Edge shard in a folder; one instance per folder per process."""
+    """A Qdrant Edge shard in a folder; one instance per folder per process.
+
+    A shard may be open in one process only: a second process that merely loads it can damage the
+    first one's files. So the shard is opened under an exclusive file lock and closed again once
+    it has been idle for `idle_release_s`, letting the suite's servers (each its own process when a
+    client launches them from mcp.json) take turns on the wiki's or memory's collection. A burst of
+    calls (an ingest, a benchmark loop) keeps it open.
+    """
+
+    idle_release_s = 1.0
+    lock_timeout_s = 60.0
 
     def __init__(self, path: Path, dim: int, indexed: Sequence[str] = (), hnsw_ef: int = 128, exact: bool = False) -> None:
         import qdrant_edge as qe
@@ -85,15 +101,82 @@ class EdgeVectorStore:
         self.path = path
         self._lock = threading.RLock()
         self._refs = 1
+        self._closed = False
+        self._shard = None
+        self._lock_fd: int | None = None
+        self._timer: threading.Timer | None = None
         self._params = qe.SearchParams(hnsw_ef=hnsw_ef, exact=exact)
-        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
-        if path.exists() and any(path.iterdir()):
-            self._shard = qe.EdgeShard.load(str(path), config)
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            self._shard = qe.EdgeShard.create(str(path), config)
-        for name in (ID_FIELD, *indexed):
-            self._shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+        self._config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
+        self._indexed = (ID_FIELD, *indexed)
+        with self._held() as shard:
+            for name in self._indexed:
+                shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+
+    def _open(self) -> None:
+        import fcntl
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent / f".{self.path.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StoreBusy(f"vector collection {self.path.name} has been busy in another process for {self.lock_timeout_s:g} s") from None
+                time.sleep(0.02)
+        try:
+            qe = self._qe
+            if self.path.exists() and any(self.path.iterdir()):
+                self._shard = qe.EdgeShard.load(str(self.path), self._config)
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._shard = qe.EdgeShard.create(str(self.path), self._config)
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _release(self) -> None:
+        """Flush, close and unlock the shard (it reopens on the next call)."""
+        import fcntl
+
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._shard is not None:
+                try:
+                    self._shard.flush()
+                finally:
+                    self._shard.close()
+                    self._shard = None
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @contextmanager
+    def _held(self) -> Iterator[Any]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"vector collection {self.path.name} is closed")
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._shard is None:
+                self._open()
+            try:
+                yield self._shard
+            finally:
+                timer = threading.Timer(self.idle_release_s, self._release)
+                timer.daemon = True
+                self._timer = timer
+                timer.start()
 
     def _filter(self, where: Where | None):  # noqa: ANN202 - qdrant_edge.Filter
         if not where:
@@ -112,9 +195,9 @@ class EdgeVectorStore:
         batch = [qe.Point(point_uuid(p.id), _check_dim(_as_list(p.vector), self.dim), _payload(p)) for p in points]
         if not batch:
             return
-        with self._lock:
+        with self._held() as shard:
             for start in range(0, len(batch), 1024):
-                self._shard.update(qe.UpdateOperation.upsert_points(batch[start : start + 1024]))
+                shard.update(qe.UpdateOperation.upsert_points(batch[start : start + 1024]))
 
     def search(self, vector: np.ndarray | Sequence[float], k: int = 10, where: Where | None = None) -> list[VectorHit]:
         qe = self._qe
@@ -125,8 +208,8 @@ class EdgeVectorStore:
             with_payload=True,
             params=self._params,
         )
-        with self._lock:
-            points = self._shard.query(request)
+        with self._held() as shard:
+            points = shard.query(request)
         hits = []
         for p in points:
             payload = dict(p.payload or {})
@@ -135,21 +218,21 @@ class EdgeVectorStore:
 
     def delete(self, ids: Sequence[str] | None = None, where: Where | None = None) -> None:
         qe = self._qe
-        with self._lock:
+        with self._held() as shard:
             if ids:
-                self._shard.update(qe.UpdateOperation.delete_points([point_uuid(i) for i in ids]))
+                shard.update(qe.UpdateOperation.delete_points([point_uuid(i) for i in ids]))
             if where:
-                self._shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter(where)))
+                shard.update(qe.UpdateOperation.delete_points_by_filter(self._filter(where)))
 
     def count(self, where: Where | None = None) -> int:
-        with self._lock:
-            return int(self._shard.count(self._qe.CountRequest(filter=self._filter(where), exact=True)))
+        with self._held() as shard:
+            return int(shard.count(self._qe.CountRequest(filter=self._filter(where), exact=True)))
 
     def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not ids:
             return {}
-        with self._lock:
-            records = self._shard.retrieve([point_uuid(i) for i in ids], with_payload=True, with_vector=False)
+        with self._held() as shard:
+            records = shard.retrieve([point_uuid(i) for i in ids], with_payload=True, with_vector=False)
         found: dict[str, dict[str, Any]] = {}
         for record in records:
             payload = dict(record.payload or {})
@@ -157,17 +240,16 @@ class EdgeVectorStore:
         return found
 
     def flush(self) -> None:
-        with self._lock:
-            self._shard.flush()
+        with self._held() as shard:
+            shard.flush()
 
     def close(self) -> None:
         """Release this holder's reference; the shard closes when the last holder lets go."""
         with self._lock:
             self._refs -= 1
-            if self._refs <= 0 and self._shard is not None:
-                self._shard.flush()
-                self._shard.close()
-                self._shard = None  # type: ignore[assignment]
+            if self._refs <= 0:
+                self._closed = True
+                self._release()
 
 
 class QdrantClientStore:
@@ -266,7 +348,7 @@ def open_vector_store(settings: Settings, collection: str, dim: int, indexed: Se
     with _open_lock:
         store = _open_edge.get(path)
         # One process may open the same shard from several servers (the router mounts them all).
-        if store is None or store._shard is None:
+        if store is None or store._closed:
             store = EdgeVectorStore(path, dim, indexed, cfg.hnsw_ef, cfg.exact)
             _open_edge[path] = store
         elif store.dim != dim:

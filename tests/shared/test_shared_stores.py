@@ -156,3 +156,27 @@ def test_concurrent_lexical_writes_are_all_kept(settings: Settings) -> None:
     for t in threads:
         t.join()
     assert index.count() == 100
+
+
+def test_two_processes_take_turns_on_one_embedded_collection(settings: Settings) -> None:
+    """Each server of mcp.json is its own process; wiki and crag (say) share the wiki's collection."""
+    import subprocess
+    import sys
+
+    store = open_vector_store(settings, "turns", dim=3)
+    store.upsert([VectorPoint("mine", unit(1, 0, 0), {})])
+    other = subprocess.run(
+        [sys.executable, "-c",
+         "from hydrabrain.shared.config import load_settings\n"
+         "from hydrabrain.shared.vectors import open_vector_store, VectorPoint\n"
+         "s = open_vector_store(load_settings(), 'turns', dim=3)\n"
+         "s.upsert([VectorPoint('theirs', [0.0, 1.0, 0.0], {})])\n"
+         "print(s.count())\n"
+         "s.close()\n"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == "2"
+    assert store.count() == 2
+    assert set(store.get(["mine", "theirs"])) == {"mine", "theirs"}
+    store.close()
