@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest when the cores are shared with other work)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine_speed.json"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     hf, tokenizer = models.load("smollm2-135m")
     engine = Engine(PagedLlama(hf), tokenizer, num_blocks=1024, max_batch=max(args.batches), prefill_chunk=256)
