@@ -24,6 +24,7 @@ from opentelemetry.trace import Status, StatusCode
 TRACER_NAME = "hydrabrain"
 _configured = False
 _lock = threading.Lock()
+_tracer: trace.Tracer | None = None
 
 
 class JsonFormatter(logging.Formatter):
@@ -110,7 +111,11 @@ def configure_tracing() -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    # A proxy tracer: it follows whichever provider is installed later, so one lookup serves for good.
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer(TRACER_NAME)
+    return _tracer
 
 
 class ToolCallTracing:
