@@ -198,7 +198,8 @@ class MemoryService:
         at_ts = check_time(at, "at")
         recorded = now()
         at_ts = recorded if at_ts is None else at_ts
-        vector = self.embedder.embed([text])
+        # One forward pass for the text and its facts; _write finds the fact vectors in the cache.
+        vector = self.embedder.embed([text, *(f"{f.subject} {f.predicate} {f.object}" for f in parsed)])[:1]
         return self._write(session, text, kind, parsed, at_ts, recorded, vector)
 
     def _write(self, session: Session, text: str, kind: str, facts: list[FactInput], at_ts: float, recorded: float, vector: np.ndarray | None) -> RememberResult:
