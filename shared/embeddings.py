@@ -50,7 +50,15 @@ def _load_model(path: Path) -> tuple:
         if path not in _loaded:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            import logging
+
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            # stderr is the servers' log channel: keep the loader's progress bars and notices off it.
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+            logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
 
             _loaded[path] = (SentenceTransformer(str(path), device="cpu"), threading.Lock(), OrderedDict())
         return _loaded[path]
