@@ -164,6 +164,9 @@ class PagedKVCache:
         self.k = [torch.zeros(*shape, h, head_dim, dtype=dtype, device=device) for h in self.kv_heads]
         self.v = [torch.zeros(*shape, h, head_dim, dtype=dtype, device=device) for h in self.kv_heads]
         self.seqs: dict[str, SequenceBlocks] = {}
+        # Per-sequence state that is not K/V (the fixed-size state of linear-attention heads);
+        # it lives and dies with the sequence's blocks.
+        self.state: dict[str, object] = {}
 
     @property
     def bytes_per_block(self) -> int:
@@ -195,6 +198,8 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys/values (N, Hkv, D) of one layer at ``slots`` (N,)."""
+        if not self.kv_heads[layer]:
+            return
         self.k[layer].view(-1, *self.k[layer].shape[2:])[slots] = k.to(self.k[layer].dtype)
         self.v[layer].view(-1, *self.v[layer].shape[2:])[slots] = v.to(self.v[layer].dtype)
 
@@ -212,6 +217,9 @@ class PagedKVCache:
     def gather(self, layer: int, seq_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequence's cached keys and values of one layer in token order, (L, Hkv, D) each."""
         seq = self.seqs[seq_id]
+        if not self.kv_heads[layer]:
+            empty = self.k[layer].new_zeros(seq.length, 0, self.head_dim)
+            return empty, empty
         idx = torch.arange(seq.length)
         slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE if seq.length else idx
         k = self.k[layer].view(-1, *self.k[layer].shape[2:])[slots]
@@ -230,7 +238,7 @@ class PagedKVCache:
         remap = None
         for layer, keep in enumerate(keep_per_layer):
             remap = compaction_remap(seq.blocks, seq.length, keep)
-            if remap.src_slots:
+            if remap.src_slots and self.kv_heads[layer]:
                 src = torch.tensor(remap.src_slots, dtype=torch.int32, device=self.k[layer].device)
                 dst = torch.tensor(remap.dst_slots, dtype=torch.int32, device=self.k[layer].device)
                 ops.kv_compact(self.k[layer], self.v[layer], src, dst)
@@ -242,6 +250,7 @@ class PagedKVCache:
     def release(self, seq_id: str) -> int:
         """Drop the sequence; returns how many blocks went back to the pool."""
         seq = self.seqs.pop(seq_id, None)
+        self.state.pop(seq_id, None)
         return self.pool.free(seq.blocks) if seq else 0
 
     def assert_invariants(self) -> None:

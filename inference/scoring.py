@@ -53,12 +53,15 @@ class QueryStats:
 def calibrate(runner, token_ids: torch.Tensor, chunk: int = 512) -> QueryStats:
     """Run ``runner`` (a PagedLlama) over ``token_ids`` and average its pre-RoPE queries."""
     half = runner.head_dim // 2
-    sums = [torch.zeros(runner.num_heads, runner.head_dim) for _ in range(runner.num_layers)]
-    abs_sums = [torch.zeros(runner.num_heads, half) for _ in range(runner.num_layers)]
+    # Sized by the first call: a hybrid model hands over only its full-attention query heads.
+    sums = [torch.zeros(0, runner.head_dim) for _ in range(runner.num_layers)]
+    abs_sums = [torch.zeros(0, half) for _ in range(runner.num_layers)]
     count = 0
 
     def hook(layer: int, q: torch.Tensor) -> None:  # q: (T, Hq, D)
         q = q.float()
+        if sums[layer].shape[0] != q.shape[1]:
+            sums[layer], abs_sums[layer] = torch.zeros(q.shape[1], runner.head_dim), torch.zeros(q.shape[1], half)
         sums[layer] += q.sum(0)
         abs_sums[layer] += torch.sqrt(q[..., :half] ** 2 + q[..., half:] ** 2).sum(0)
 
@@ -98,4 +101,10 @@ def select_keep(scores: torch.Tensor, budget: int, sinks: int, recent: int) -> l
 
 def plan_compaction(cache: PagedKVCache, seq_id: str, stats: QueryStats, next_position: int, budget: int, sinks: int, recent: int) -> list[list[int]]:
     """Which tokens each layer keeps (same count in every layer)."""
-    return [select_keep(score_layer(cache, seq_id, layer, stats, next_position), budget, sinks, recent) for layer in range(len(cache.k))]
+    keeps = [
+        select_keep(score_layer(cache, seq_id, layer, stats, next_position), budget, sinks, recent) if cache.kv_heads[layer] else None
+        for layer in range(len(cache.k))
+    ]
+    # A layer with no full-attention head holds no K/V; any list of the right length will do.
+    filler = next((k for k in keeps if k is not None), None) or select_keep(torch.zeros(cache.length(seq_id)), budget, sinks, recent)
+    return [k if k is not None else filler for k in keeps]

@@ -1,0 +1,49 @@
+"""The HydraHead model served from the paged cache: FA groups page their K/V, GDN heads keep state."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hydrabrain.inference.engine import Engine, SamplingParams
+from hydrabrain.inference.hydra import PagedHydraHead
+from hydrabrain.inference.model import HydraHeadConfig, HydraHeadForCausalLM
+from hydrabrain.inference.scoring import calibrate
+
+
+@pytest.fixture(scope="module")
+def hydra():
+    torch.manual_seed(0)
+    # Layer 0 mixes one FA and one GDN group, layer 1 is all GDN (no K/V at all), layer 2 mixes the other way.
+    config = HydraHeadConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, layer_heads=["FG", "GG", "GF"], max_position_embeddings=1024)
+    model = HydraHeadForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # move off the identity-like init so every path matters
+            p.add_(torch.randn_like(p) * 0.05)
+    runner = PagedHydraHead(model)
+    stats = calibrate(runner, torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(1)), chunk=64)
+    return model, runner, stats
+
+
+def test_continuous_batching_of_a_hybrid_model_matches_its_own_greedy_generate(hydra):
+    model, runner, stats = hydra
+    engine = Engine(runner, None, num_blocks=64, stats=stats, eos_token_ids=[], prefill_chunk=32, recent=32, compaction_interval=32)
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70, 33)]
+    ours = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
+    for prompt, tokens in zip(prompts, ours, strict=True):
+        assert tokens == model.generate(torch.tensor([prompt]), max_new_tokens=20)[0, len(prompt) :].tolist()
+    assert engine.cache.kv_heads == [1, 0, 1]  # only FA groups take room in the pool
+
+
+def test_a_hybrid_model_compacts_its_fa_cache_and_drops_gdn_state_with_the_sequence(hydra):
+    _, runner, stats = hydra
+    engine = Engine(runner, None, num_blocks=64, stats=stats, eos_token_ids=[], prefill_chunk=32, recent=32, compaction_interval=32)
+    params = SamplingParams(max_tokens=100, temperature=0, kv_budget=48)
+    outs = engine.generate([[7] * 90, [9] * 20], [params, dataclasses.replace(params, kv_budget=None)])
+    assert [len(o) for o in outs] == [100, 100]
+    assert engine.blocks_freed > 0
+    engine.cache.assert_invariants()
+    assert engine.cache.pool.num_free == 64 and not engine.cache.state
