@@ -244,8 +244,8 @@ def merge(paths: list[str], out: Path) -> int:
         differing = {k for k, v in run["config"].items() if k not in ("seeds", "merge") and config.get(k) != v}
         if differing:
             raise SystemExit(f"cannot merge runs whose settings differ in {sorted(differing)}")
-    config["seeds"] = sorted(seed for run in runs for seed in run["config"]["seeds"])
     records = [r for run in runs for r in run["records"]]
+    config["seeds"] = sorted({r["seed"] for r in records})  # the seeds that finished, not the ones asked for
     payload = {
         "command": [run["command"] for run in runs],
         "config": config,
