@@ -82,6 +82,7 @@ class Wiki:
         self.lexical = open_lexical_index(settings, COLLECTION)
         self.graph = open_graph_store(settings, COLLECTION)
         self._retriever: HybridRetriever | None = None
+        self._graph_nodes: set[str] = set()  # nodes this process has written since the last reindex
         self._pages: dict[str, PageInfo] | None = None
         self._pages_stamp: float = -1.0
         self._sources: dict[str, SourceInfo] | None = None
@@ -267,7 +268,7 @@ class Wiki:
             for n, piece in enumerate(split_chunks(comp.source_body(text))):
                 payload = {"kind": "chunk", "source_id": info.id, "title": info.title, "injection": bool(info.injection_flags)}
                 items.append((f"chunk:{info.id}:{n}", f"{info.title}\n\n{piece}", payload))
-            self.graph.upsert_node(f"source:{info.id}", "Source", {"title": info.title, "version": info.version})
+            self._graph_node(f"source:{info.id}", "Source", {"title": info.title, "version": info.version}, refresh=True)
         self.retriever.index(items)
 
     def _drop_items(self, where: dict[str, str]) -> None:
@@ -364,20 +365,35 @@ class Wiki:
         self.retriever.index(items)
 
     def _link_page(self, page: PageInfo) -> None:
+        """Make the page's `links` and `cites` edges match its text, touching only what changed."""
         node = f"page:{page.slug}"
-        self.graph.upsert_node(node, "Page", {"title": page.title, "type": page.type})
-        old = [e.id for e in self.graph.edges(src=node)]
-        if old:
-            self.graph.delete_edges(old)
-        pages = self.pages()
-        for target in page.links:
-            if target in pages and target != page.slug:
-                self.graph.upsert_node(f"page:{target}", "Page", {"title": pages[target].title, "type": pages[target].type})
-                self.graph.add_edge(node, "links", f"page:{target}")
-        for sid in dict.fromkeys(page.sources + page.citations):
-            if sid in self.sources():
-                self.graph.upsert_node(f"source:{sid}", "Source", {"title": self.sources()[sid].title})
-                self.graph.add_edge(node, "cites", f"source:{sid}")
+        pages, sources = self.pages(), self.sources()
+        self._graph_node(node, "Page", {"title": page.title, "type": page.type}, refresh=True)
+        wanted = {("links", f"page:{t}") for t in page.links if t in pages and t != page.slug}
+        wanted |= {("cites", f"source:{s}") for s in dict.fromkeys(page.sources + page.citations) if s in sources}
+        have: dict[tuple[str, str], str] = {}
+        stale = []
+        for edge in self.graph.edges(src=node):
+            key = (edge.rel, edge.dst)
+            if key in wanted and key not in have:
+                have[key] = edge.id
+            else:
+                stale.append(edge.id)
+        if stale:
+            self.graph.delete_edges(stale)
+        for rel, dst in sorted(wanted - set(have)):
+            kind, _, name = dst.partition(":")
+            if kind == "page":
+                self._graph_node(dst, "Page", {"title": pages[name].title, "type": pages[name].type})
+            else:
+                self._graph_node(dst, "Source", {"title": sources[name].title})
+            self.graph.add_edge(node, rel, dst)
+
+    def _graph_node(self, node: str, label: str, props: dict, refresh: bool = False) -> None:
+        """Upsert a node unless this process already wrote it (each graph write is its own transaction)."""
+        if refresh or node not in self._graph_nodes:
+            self.graph.upsert_node(node, label, props)
+            self._graph_nodes.add(node)
 
     def _write_catalogue(self) -> None:
         with self.files.lock("index"):
@@ -616,6 +632,7 @@ class Wiki:
             self.retriever.remove(where={"kind": ["chunk", "page"]})
             self.lexical.clear()
             self.graph.clear()
+            self._graph_nodes.clear()
             sources = self.sources()
             self._index_chunks([(info, self.files.source_text(sid) or "") for sid, info in sorted(sources.items())])
             self._index_pages(sorted(self.pages()))
