@@ -383,13 +383,14 @@ def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, pre
     """Load ``model`` (name or path), calibrate its query statistics and build an engine."""
     import torch
 
+    from hydrabrain.inference import model as hydrahead  # registers the HydraHead Auto classes
     from hydrabrain.inference import models
+    from hydrabrain.inference.hydra import PagedHydraHead
     from hydrabrain.inference.llama import PagedLlama
     from hydrabrain.inference.scoring import CALIBRATION_TEXT, calibrate
 
     hf_model, tokenizer = models.load(model)
-    runner = PagedLlama(hf_model)
-    del hf_model
+    runner = PagedHydraHead(hf_model) if isinstance(hf_model, hydrahead.HydraHeadForCausalLM) else PagedLlama(hf_model)
     ids = torch.tensor(tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=False)[: runner.max_position])
     stats = calibrate(runner, ids)
     eos = [t for t in {tokenizer.eos_token_id, getattr(runner.config, "eos_token_id", None)} if isinstance(t, int)]

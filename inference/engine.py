@@ -96,6 +96,7 @@ class Engine:
         recent: int = 128,
         stats: QueryStats | None = None,
         max_context: int | None = None,
+        max_prefill_tokens: int = 1024,
         eos_token_ids: list[int] | None = None,
     ) -> None:
         self.runner = runner
@@ -103,6 +104,7 @@ class Engine:
         self.cache = runner.new_cache(num_blocks)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens one step may prefill (at least one chunk)
         self.compaction_interval = compaction_interval
         self.sinks = sinks
         self.recent = recent
@@ -175,10 +177,14 @@ class Engine:
         self._admit()
         produced: dict[str, int] = {}
 
-        prefilling = [r for r in self.running if r.prefilled < len(r.prompt)]
-        if prefilling:
-            r = prefilling[0]
+        # Prefill chunks of several requests share a step up to a token budget, so requests that
+        # arrive together start decoding together; a long prompt still yields between its chunks.
+        prefill_tokens = 0
+        for r in [r for r in self.running if r.prefilled < len(r.prompt)]:
+            if prefill_tokens >= self.max_prefill_tokens:
+                break
             chunk = r.prompt[r.prefilled : r.prefilled + self.prefill_chunk]
+            prefill_tokens += len(chunk)
             logits = self.runner.prefill(self.cache, r.id, torch.tensor(chunk), r.prefilled)
             r.prefilled += len(chunk)
             r.next_position = r.prefilled
