@@ -293,6 +293,7 @@ def plot(records, args, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     lengths = [args.train_len * s for s in args.scales]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -306,11 +307,15 @@ def plot(records, args, path: Path) -> None:
         bx.plot(lengths, kv, marker="o", label=v)
     ax.set(xscale="log", xlabel="sequence length (key-value pairs grow with it)", ylabel="MQAR recall accuracy",
            title=f"recall vs length (trained at {args.train_len}; {len(args.seeds)} seeds, band = min..max)")
+    pairs = sorted({(r["length"], r["pairs"]) for r in records})
+    ax.plot([n for n, _ in pairs], [1 / p for _, p in pairs], "k--", lw=1, label="guessing a value of the context")
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     bx.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="cache bytes per token (fp32)", title="KV + recurrent state per token")
     bx.set_xticks(lengths, [str(n) for n in lengths])
+    for axis in (ax, bx):
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
