@@ -38,7 +38,9 @@ CALIBRATION_TEXT = (
     "measured again, wrote a shorter report, and declared the bridge sound for another fifty years."
 )
 
-FUTURE_OFFSETS = tuple(2**i for i in range(13))  # 1 .. 4096 tokens ahead, spaced geometrically
+# 64 .. 4096 tokens ahead, spaced geometrically. Near offsets add high-frequency phase noise that
+# crowds out distant facts: on pass-key probes (1.4k tokens, budget 256) 1..4096 kept 2/6, 64..4096 kept 5/6.
+FUTURE_OFFSETS = tuple(2**i for i in range(6, 13))
 
 
 @dataclass
