@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         "HYDRABRAIN_WIKI_ALLOWED_ROOTS": str(ROOT / "examples"),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # The servers' JSON logs share the terminal with the transcript: keep only warnings.
+        "HYDRABRAIN_LOG_LEVEL": os.environ.get("HYDRABRAIN_LOG_LEVEL", "WARNING"),
     }
     os.environ.update(env)
     names = args.only or list(ORDER)
