@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 from mcp import Client, StdioServerParameters
@@ -57,10 +58,36 @@ async def drive(name: str, env: dict[str, str]) -> bool:
     return True
 
 
+def start_backend(env: dict[str, str], port: int) -> subprocess.Popen | None:
+    """`hydrabrain backend serve` on SmolLM2-135M-Instruct, once it answers /v1/models; None if it cannot start."""
+    banner(f"inference backend: hydrabrain backend serve --model smollm2-135m --port {port}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hydrabrain.servers.cli", "backend", "serve", "--model", "smollm2-135m", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            say(f"the backend exited with status {process.returncode}; the router runs in plain mode")
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                models = json.load(response)["data"]
+            say(f"serving {', '.join(m['id'] for m in models)} on http://127.0.0.1:{port}/v1 (OpenAI-compatible)")
+            return process
+        except OSError:
+            time.sleep(1)
+    process.terminate()
+    say("the backend did not answer within 240 s; the router runs in plain mode")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hydrabrain.servers.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--home", default=".hydrabrain/demo", help="data home for the demo (wiped first)")
     parser.add_argument("--only", nargs="*", choices=ORDER, help="drive only these servers")
+    parser.add_argument("--no-backend", action="store_true", help="do not start the inference backend for the router")
+    parser.add_argument("--backend-port", type=int, default=8808, help="port for the inference backend (default 8808)")
     args = parser.parse_args(argv)
 
     home = Path(args.home).resolve()
@@ -83,7 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         banner("ingest the sample corpus: hydrabrain wiki ingest examples/corpus")
         subprocess.run([sys.executable, "-m", "hydrabrain.servers.cli", "wiki", "ingest", str(ROOT / "examples" / "corpus")], check=True, env=env)
 
-    shown = [name for name in names if asyncio.run(drive(name, env))]
+    shown = [name for name in names if name != "router" and asyncio.run(drive(name, env))]
+    if "router" in names:
+        backend = None if args.no_backend else start_backend(env, args.backend_port)
+        router_env = dict(env)
+        if backend is not None:
+            # The router routes summarising and bulk work to the suite's own backend.
+            router_env.update(HYDRABRAIN_ROUTER_BACKEND="true", HYDRABRAIN_BACKEND_PORT=str(args.backend_port))
+        try:
+            if asyncio.run(drive("router", router_env)):
+                shown.append("router")
+        finally:
+            if backend is not None:
+                backend.terminate()
+                backend.wait(timeout=30)
     banner("done")
     say(f"servers shown: {', '.join(shown) or 'none'}; data home: {home}")
     return 0

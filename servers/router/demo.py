@@ -53,6 +53,17 @@ async def run(client: Any, say: Callable[[str], None]) -> None:
     if providers["configured"]:
         for p in providers["providers"]:
             say(f"router: provider {p['provider']}/{p['model']} healthy={p['healthy']} spend this month ${p['spend_month_usd']:.6f}")
+        answer = await client.call_tool("complete", {
+            "prompt": "In one sentence: why does a paged KV cache need compaction to free memory?",
+            "task": "summarise", "max_tokens": 48, "feature": "demo",
+        })
+        if answer.is_error:
+            say(f"router: complete() failed: {answer.content[0].text[:200]}")
+        else:
+            done = _data(answer)
+            say(f"router: complete(task=summarise) answered by {done['provider']}/{done['model']} "
+                f"in {done['latency_ms']:.0f} ms, {done['input_tokens']}+{done['output_tokens']} tokens, ${done['cost_usd']:.6f}:")
+            say("    " + " ".join(str(done["text"]).split())[:300])
     else:
         say("router: plain mode, no LLM provider configured; every server still works without one")
         probe = await client.call_tool("complete", {"prompt": "hello"})
