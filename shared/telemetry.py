@@ -43,12 +43,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (test capture or a redirect)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        return None
+
+
 def configure_logging(level: str = "INFO") -> None:
     """JSON lines on stderr for everything under the `hydrabrain` logger."""
     root = logging.getLogger("hydrabrain")
     root.setLevel(level)
     if not any(getattr(h, "_hydrabrain", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(JsonFormatter())
         handler._hydrabrain = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No GPU here: every Triton kernel a test reaches runs in the interpreter. Set before anything
+# imports triton, since the flag is read when a kernel module is first loaded.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hydrabrain.shared.config import Settings, load_settings  # noqa: E402
 
