@@ -76,6 +76,19 @@ def _payload(point: VectorPoint) -> dict[str, Any]:
     return payload
 
 
+def _build_filter(lib: Any, where: Where | None) -> Any:
+    """`where` as a Filter of `lib` (qdrant_edge or qdrant_client.models: both spell conditions alike)."""
+    if not where:
+        return None
+    conditions = []
+    for key, value in where.items():
+        if isinstance(value, (list, tuple, set)):
+            conditions.append(lib.FieldCondition(key=key, match=lib.MatchAny(any=list(value))))
+        else:
+            conditions.append(lib.FieldCondition(key=key, match=lib.MatchValue(value=value)))
+    return lib.Filter(must=conditions)
+
+
 class StoreBusy(RuntimeError):
     """Another process has held the collection for longer than we are willing to wait."""
 
@@ -179,16 +192,7 @@ class EdgeVectorStore:
                 timer.start()
 
     def _filter(self, where: Where | None):  # noqa: ANN202 - qdrant_edge.Filter
-        if not where:
-            return None
-        qe = self._qe
-        conditions = []
-        for key, value in where.items():
-            if isinstance(value, (list, tuple, set)):
-                conditions.append(qe.FieldCondition(key=key, match=qe.MatchAny(any=list(value))))
-            else:
-                conditions.append(qe.FieldCondition(key=key, match=qe.MatchValue(value=value)))
-        return qe.Filter(must=conditions)
+        return _build_filter(self._qe, where)
 
     def upsert(self, points: Iterable[VectorPoint]) -> None:
         qe = self._qe
@@ -271,16 +275,7 @@ class QdrantClientStore:
             self._client.create_payload_index(collection, name, field_schema=models.PayloadSchemaType.KEYWORD)
 
     def _filter(self, where: Where | None):  # noqa: ANN202 - qdrant_client Filter
-        if not where:
-            return None
-        m = self._models
-        conditions = []
-        for key, value in where.items():
-            if isinstance(value, (list, tuple, set)):
-                conditions.append(m.FieldCondition(key=key, match=m.MatchAny(any=list(value))))
-            else:
-                conditions.append(m.FieldCondition(key=key, match=m.MatchValue(value=value)))
-        return m.Filter(must=conditions)
+        return _build_filter(self._models, where)
 
     def upsert(self, points: Iterable[VectorPoint]) -> None:
         m = self._models
