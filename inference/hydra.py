@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hydrabrain.inference import ops
 from hydrabrain.inference.kv_cache import PagedKVCache
 from hydrabrain.inference.llama import QueryHook
-from hydrabrain.inference.model import HybridCache, rms_normalise
+from hydrabrain.inference.model import HybridCache
 
 
 class PagedHydraHead:
@@ -84,9 +84,7 @@ class PagedHydraHead:
             parts.append(fa(q[:, :, attn.fa_queries], k[:, :, attn.fa_groups], v[:, :, attn.fa_groups]))  # (B, T, Hf, D)
         if attn.gdn_groups:
             parts.append(attn._gated_delta(h, q[:, :, attn.gdn_queries], k[:, :, attn.gdn_groups], v[:, :, attn.gdn_groups], hybrid))
-        heads = torch.cat(parts, dim=2)[:, :, attn.unpermute]  # (B, T, H, D)
-        gate = attn.gate_proj(h).view(B, T, H, D)
-        heads = rms_normalise(heads, self.config.rms_norm_eps) * attn.head_gain[:, None].to(heads.dtype) * F.silu(gate)
+        heads = attn.fuse(h, torch.cat(parts, dim=2)[:, :, attn.unpermute])  # (B, T, H, D)
         x = x + attn.o_proj(heads.reshape(B, T, H * D))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 

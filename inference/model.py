@@ -49,6 +49,13 @@ class HydraHeadConfig(PreTrainedConfig):
     # "GGFG" = group 2 of that layer keeps softmax attention. None means all full attention.
     layer_heads: list[str] | None = None
     conv_size: int = 4  # taps of the short causal convolution on GDN q/k/v
+    # How head outputs meet before o_proj. "normalised": every head is RMS-normalised, scaled by a
+    # learned gain and gated by silu(W x) (models trained from scratch). "teacher": FA heads pass
+    # through untouched, exactly as in the Llama they came from, and only GDN heads are normalised,
+    # scaled to the teacher head's output RMS and gated by 2 sigmoid(W x), which starts at 1; the
+    # GDN short convolution then has no activation, so a converted head starts from its teacher's
+    # q/k/v. A conversion that keeps every head FA is the teacher, exactly.
+    head_fusion: str = "normalised"
     # Give FA heads the same short convolution on q/k/v (linear, identity at init). Off keeps them
     # exactly Llama attention; on, a key can carry its neighbour's token, which lets small models
     # learn associative recall in far fewer steps, and FA and GDN heads then differ only in the rule.
@@ -82,6 +89,8 @@ class HydraHeadConfig(PreTrainedConfig):
                 f"layer_heads has {len(self.layer_heads)} entries but the model has {self.num_hidden_layers} layers: "
                 "give one string per layer"
             )
+        if self.head_fusion not in ("normalised", "teacher"):
+            raise ValueError(f"head_fusion must be 'normalised' or 'teacher'; got {self.head_fusion!r}")
         for i, kinds in enumerate(self.layer_heads):
             if len(kinds) != self.num_key_value_heads or set(kinds) - {FULL, GDN}:
                 raise ValueError(
@@ -215,9 +224,11 @@ class HydraAttention(nn.Module):
         self.k_proj = nn.Linear(d, G * D, bias=False)
         self.v_proj = nn.Linear(d, G * D, bias=False)
         self.o_proj = nn.Linear(H * D, d, bias=False)
-        # every head is gated and rescaled the same way, so FA and GDN outputs meet at one scale
-        # and all variants of a model have the same parameter count up to the small GDN extras
-        self.gate_proj = nn.Linear(d, H * D, bias=False)
+        self.teacher_fusion = config.head_fusion == "teacher"
+        if not self.teacher_fusion:
+            # every head is gated and rescaled the same way, so FA and GDN outputs meet at one scale
+            # and all variants of a model have the same parameter count up to the small GDN extras
+            self.gate_proj = nn.Linear(d, H * D, bias=False)
         self.head_gain = nn.Parameter(torch.ones(H))
         if self.fa_groups and config.fa_conv:
             self.fa_conv_weight = nn.Parameter(torch.zeros((len(self.fa_queries) + 2 * len(self.fa_groups)) * D, config.conv_size))
@@ -230,8 +241,16 @@ class HydraAttention(nn.Module):
             self.A_log = nn.Parameter(torch.zeros(n_gdn))
             self.dt_bias = nn.Parameter(torch.zeros(n_gdn))
             self.gdn_norm = RMSNorm(D, config.rms_norm_eps)
+            if self.teacher_fusion:
+                self.gdn_gate_proj = nn.Linear(d, len(self.gdn_queries) * D, bias=False)  # zero at init: gate 1
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        heads = self.head_outputs(x, positions, cache)  # (B, T, H, D)
+        return self.o_proj(heads.reshape(B, T, -1))  # (B, T, d)
+
+    def head_outputs(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache | None) -> torch.Tensor:
+        """Every query head's fused output (B, T, H, D), in head order: what o_proj reads."""
         B, T, _ = x.shape
         H, D = self.config.num_attention_heads, self.config.head_dim
         q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
@@ -243,9 +262,15 @@ class HydraAttention(nn.Module):
         if self.gdn_groups:
             parts.append(self._gated_delta(x, q[:, :, self.gdn_queries], k[:, :, self.gdn_groups], v[:, :, self.gdn_groups], cache))
         heads = torch.cat(parts, dim=2)[:, :, self.unpermute]  # (B, T, H, D), heads back in order
+        return self.fuse(x, heads)
+
+    def fuse(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """Bring raw head outputs (B, T, H, D) to one scale before o_proj (see ``head_fusion``)."""
+        if self.teacher_fusion:
+            return heads  # FA heads untouched; GDN heads were scaled and gated in _gated_delta
+        B, T, H, D = heads.shape
         gate = self.gate_proj(x).view(B, T, H, D)  # (B, T, H, D)
-        heads = rms_normalise(heads, self.config.rms_norm_eps) * self.head_gain[:, None].to(heads.dtype) * F.silu(gate)
-        return self.o_proj(heads.reshape(B, T, H * D))  # (B, T, d)
+        return rms_normalise(heads, self.config.rms_norm_eps) * self.head_gain[:, None].to(heads.dtype) * F.silu(gate)
 
     def _full_attention(self, q, k, v, positions, cache):
         """Causal softmax attention with RoPE and GQA. q (B, T, Hf, D), k/v (B, T, Gf, D) -> (B, T, Hf, D)."""
@@ -288,7 +313,7 @@ class HydraAttention(nn.Module):
 
     def _gated_delta(self, x, q, k, v, cache):
         """The gated delta rule over GDN heads. q (B, T, Hg, D), k/v (B, T, Gg, D) -> (B, T, Hg, D)."""
-        q, k, v = self._short_conv(q, k, v, self.conv_weight, None if cache is None else cache.convs, activation=True)
+        q, k, v = self._short_conv(q, k, v, self.conv_weight, None if cache is None else cache.convs, activation=not self.teacher_fusion)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # (B, T, Hg, D), (B, T, Gg, D)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)  # (B, T, Gg), log decay <= 0
         beta = torch.sigmoid(self.b_proj(x).float())  # (B, T, Gg)
@@ -300,7 +325,13 @@ class HydraAttention(nn.Module):
         out, state = rule(q, k, v, g, beta, None, state, cache is not None)  # (B, T, Hg, D)
         if cache is not None:
             cache.states[self.layer_idx] = state
-        return self.gdn_norm(out)
+        out = self.gdn_norm(out)  # (B, T, Hg, D)
+        if self.teacher_fusion:
+            B, T, Hg, D = out.shape
+            gain = self.head_gain[self.gdn_queries][:, None].to(out.dtype)  # (Hg, 1)
+            gate = 2 * torch.sigmoid(self.gdn_gate_proj(x).view(B, T, Hg, D))  # (B, T, Hg, D), 1 at init
+            out = out * gain * gate
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -334,6 +365,8 @@ class HydraHeadPreTrainedModel(PreTrainedModel):
                 identity = torch.zeros_like(module.fa_conv_weight)
                 identity[:, -1] = 1.0  # starts as plain attention and learns what to mix in
                 init.copy_(module.fa_conv_weight, identity)
+            if module.gdn_groups and module.teacher_fusion:
+                init.zeros_(module.gdn_gate_proj.weight)
             if module.gdn_groups:
                 init.normal_(module.conv_weight, mean=0.0, std=module.config.conv_size**-0.5)
                 # Mamba-style: decay rates spread over [1, 16], step sizes over [1e-3, 1e-1]
@@ -405,17 +438,27 @@ AutoModelForCausalLM.register(HydraHeadConfig, HydraHeadForCausalLM, exist_ok=Tr
 # --- conversion from Llama ----------------------------------------------------------------------
 
 
+LLAMA_FAMILY = ("llama",)  # decoders whose attention from_llama copies head by head (SmolLM2 is one)
+
+
 @torch.no_grad()
-def from_llama(llama: nn.Module, fa_heads: list[list[int]]) -> HydraHeadForCausalLM:
+def from_llama(llama: nn.Module, fa_heads: list[list[int]], head_fusion: str = "teacher") -> HydraHeadForCausalLM:
     """A HydraHead model from a transformers Llama-family model; ``fa_heads[l]`` lists layer l's FA groups.
 
     Every weight the two share is copied: embeddings, norms, MLPs, and q/k/v/o of every head (FA
     heads keep their attention exactly; GDN heads start from the same projections). What Llama
-    lacks starts fresh: GDN decay/beta, an identity convolution, unit head gains, and an output
-    gate whose projection is random, so the result is an initialisation to distil from, not a
-    drop-in replacement.
+    lacks starts fresh: GDN decay and beta, an identity convolution, and (with the default
+    ``head_fusion="teacher"``) a GDN output gate that starts at 1 and unit gains, so FA heads are
+    the teacher's and GDN heads are an initialisation to distil (``hydrabrain.inference.convert``).
     """
     lc = llama.config
+    if getattr(lc, "model_type", None) not in LLAMA_FAMILY or not hasattr(getattr(llama, "model", None), "layers"):
+        raise ValueError(
+            f"the teacher is a {getattr(lc, 'model_type', type(llama).__name__)!r} model; conversion needs a Llama-family "
+            f"decoder ({', '.join(LLAMA_FAMILY)}) whose attention has q/k/v/o projections and RoPE"
+        )
+    if any(getattr(getattr(layer.self_attn, "q_proj", None), "bias", None) is not None for layer in llama.model.layers):
+        raise ValueError("the teacher's attention projections carry biases, which the HydraHead model does not have")
     if len(fa_heads) != lc.num_hidden_layers:
         raise ValueError(f"fa_heads has {len(fa_heads)} layers but the Llama model has {lc.num_hidden_layers}")
     rope = getattr(lc, "rope_parameters", None) or {}
@@ -435,6 +478,7 @@ def from_llama(llama: nn.Module, fa_heads: list[list[int]]) -> HydraHeadForCausa
         bos_token_id=lc.bos_token_id,
         eos_token_id=lc.eos_token_id,
         pad_token_id=lc.pad_token_id,
+        head_fusion=head_fusion,
     )
     model = HydraHeadForCausalLM(config).to(next(llama.parameters()).dtype)
     src, dst = llama.model, model.model
