@@ -375,7 +375,7 @@ def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: Stag
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        value = float(loss)
+        value = loss.detach().item()
         if not math.isfinite(value):
             raise FloatingPointError(f"{name}: the loss became {value} at step {step}; lower the learning rate")
         report.steps, report.tokens = step + 1, (step + 1) * cfg.batch * cfg.seq_len
@@ -409,7 +409,6 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
     reports = {"stage1": StageReport(), "stage2": StageReport()}
     checkpoint = out / "checkpoint.pt"
     state: dict = {}
-    stage1_tokens = cfg.stage1_tokens
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=cfg.device, weights_only=False)
         student.load_state_dict(state["model"])
@@ -427,7 +426,6 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
                 raise ValueError(f"{cfg.stage1_from} holds {copied} of the {wanted} GDN heads this conversion needs; give a bank whose GDN heads cover them")
             bank = json.loads((Path(cfg.stage1_from) / "conversion.json").read_text())
             reports["stage1"] = StageReport(**bank["stages"]["stage1"])
-            stage1_tokens = reports["stage1"].tokens
     out.mkdir(parents=True, exist_ok=True)
 
     def save(stage: str, opt) -> None:
@@ -457,7 +455,7 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
         "layer_heads": student.config.layer_heads,
         "fa_groups": sum(len(g) for g in cfg.fa_heads),
         "total_groups": student.config.num_hidden_layers * student.config.num_key_value_heads,
-        "tokens": {"stage1": stage1_tokens, "stage2": reports["stage2"].tokens},
+        "tokens": {"stage1": reports["stage1"].tokens, "stage2": reports["stage2"].tokens},
         "stages": {k: asdict(v) for k, v in reports.items()},
         "losses": {"stage1": reports["stage1"].loss_final, "stage2": reports["stage2"].loss_final},
         "stage1_from": cfg.stage1_from,

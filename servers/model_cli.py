@@ -39,6 +39,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     heads.add_argument("--top", type=int, default=None, help="print only the best N heads (default all)")
     heads.add_argument("--out", metavar="FILE", help="write the scores and the selection to this JSON file")
     heads.set_defaults(func=_heads)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert a pretrained Llama-family model into a HydraHead hybrid (attention transfer, then distillation)",
+        description=(
+            "Keep a few KV groups as full attention and turn the rest into Gated DeltaNet heads: stage 1 trains each GDN "
+            "head to reproduce the softmax head it replaces on the teacher's hidden states; stage 2 distils the whole "
+            "model on the teacher's logits. Writes a transformers folder (tokenizer included) and conversion.json, "
+            "which `hydrabrain backend serve --model DIR` serves."
+        ),
+    )
+    convert.add_argument("teacher", help="the teacher: 'smollm2' (the bundled SmolLM2-135M-Instruct), a checkpoint folder or a .gguf file")
+    convert.add_argument("--out", required=True, metavar="DIR", help="folder to write the converted model into")
+    pick = convert.add_mutually_exclusive_group()
+    pick.add_argument("--heads", metavar="FILE", help="full-attention heads from `hydrabrain model heads --out FILE`")
+    pick.add_argument("--select", choices=("patching", "random", "layerwise"), default="patching",
+                      help="how to choose the full-attention heads when --heads is not given (default patching: runs the pass-key probe)")
+    convert.add_argument("--ratio", type=float, default=0.125, help="fraction of KV groups kept as full attention (default 0.125: 11 of SmolLM2's 90)")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the random selection, the data order and the new weights (default 0)")
+    convert.add_argument("--corpus", required=True, metavar="PATH",
+                         help="training text: .txt/.md/.rst, or JSONL with a 'text' field (rows with \"split\": \"heldout\" are never trained on); plain or .xz; a file or a folder")
+    convert.add_argument("--tokens", type=int, default=65536, metavar="N", help="training tokens in all, both stages (default 65536)")
+    convert.add_argument("--stage1-tokens", type=int, default=None, metavar="N", help="of --tokens, how many go to stage 1 (default half)")
+    convert.add_argument("--seq-len", type=int, default=512, help="tokens per training row (default 512)")
+    convert.add_argument("--batch", type=int, default=4, help="rows per step (default 4)")
+    convert.add_argument("--lr", type=float, default=1e-3, help="stage 1 learning rate (default 1e-3)")
+    convert.add_argument("--lr-distill", type=float, default=3e-4, help="stage 2 learning rate (default 3e-4)")
+    convert.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
+    convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion in --out from its last checkpoint")
+    convert.add_argument("--stage1-from", metavar="DIR", help="take stage-1 GDN heads from an earlier conversion (e.g. an all-GDN bank) instead of training them")
+    convert.add_argument("--eval-samples", type=int, default=10, help="pass-key prompts per length in the closing evaluation (default 10)")
+    convert.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048], metavar="N", help="pass-key prompt lengths (default 1024 2048)")
+    convert.add_argument("--no-eval", action="store_true", help="skip the closing evaluation (perplexity and pass key on the corpus's held-out split)")
+    convert.set_defaults(func=_convert)
     model.set_defaults(func=lambda _args: model.print_help() or 2)
 
 
@@ -62,21 +96,27 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     raise SystemExit(f"hydrabrain: no model at {name!r} — give a folder, a .gguf file, or 'smollm2'")
 
 
-def _heads(args: argparse.Namespace) -> int:
+def _load(name: str, why: str):
+    """(model, tokenizer) of a model argument, fp32, eval mode; a clear exit when it has no tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hydrabrain.inference.model  # noqa: F401 - registers the hydrahead Auto classes
-    from hydrabrain.inference.patching import format_table, passkey_probe, patch_heads, select_heads
 
-    folder, gguf = resolve_model(args.model)
+    folder, gguf = resolve_model(name)
     extra = {"gguf_file": gguf} if gguf else {}
     print(f"loading {os.path.join(folder, gguf) if gguf else folder} ...", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"hydrabrain: {args.model} has no usable tokenizer ({exc}); the {args.probe} probe needs one") from exc
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+        raise SystemExit(f"hydrabrain: {name} has no usable tokenizer ({exc}); {why} needs one") from exc
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval(), tokenizer
+
+
+def _heads(args: argparse.Namespace) -> int:
+    from hydrabrain.inference.patching import format_table, passkey_probe, patch_heads, select_heads
+
+    model, tokenizer = _load(args.model, f"the {args.probe} probe")
     try:
         probe = passkey_probe(tokenizer, samples=args.samples, filler_repeats=args.filler)
         result = patch_heads(model, probe)
@@ -104,4 +144,101 @@ def _heads(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(out)
         print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _fa_heads(args: argparse.Namespace, teacher, tokenizer) -> tuple[list[list[int]], str]:
+    """The FA groups per layer the flags ask for, and how they were chosen."""
+    from hydrabrain.inference.convert import head_budget, layerwise_heads, random_heads
+    from hydrabrain.inference.patching import passkey_probe, patch_heads, select_heads
+
+    L = teacher.config.num_hidden_layers
+    G = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
+    if args.heads:
+        try:
+            fa = json.loads(Path(args.heads).read_text())["fa_heads"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"hydrabrain: {args.heads} is not a heads file from `hydrabrain model heads --out` ({exc})") from exc
+        if len(fa) != L or not any(fa):
+            raise SystemExit(f"hydrabrain: {args.heads} lists FA heads for {len(fa)} layers, {sum(map(len, fa))} heads in all; the teacher has {L} layers and at least one head must stay full attention")
+        return [sorted(map(int, g)) for g in fa], "file"
+    budget = head_budget(L, G, args.ratio)
+    if args.select == "random":
+        return random_heads(L, G, budget, args.seed), "random"
+    if args.select == "layerwise":
+        return layerwise_heads(L, G, budget), "layerwise"
+    print("ranking heads by causal patching on the pass-key probe ...", file=sys.stderr, flush=True)
+    return select_heads(patch_heads(teacher, passkey_probe(tokenizer)), ratio=args.ratio), "patching"
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from hydrabrain.inference import evaluate
+    from hydrabrain.inference.convert import ConvertConfig, CorpusError, convert, read_texts, write_report
+
+    out = Path(args.out)
+    if (out / "conversion.json").exists() and not args.resume:
+        raise SystemExit(f"hydrabrain: {out} already holds a finished conversion; give another --out")
+    if args.tokens < 1:
+        raise SystemExit("hydrabrain: --tokens must be positive")
+    stage1 = args.tokens // 2 if args.stage1_tokens is None else args.stage1_tokens
+    if not 0 <= stage1 <= args.tokens:
+        raise SystemExit(f"hydrabrain: --stage1-tokens must be between 0 and --tokens ({args.tokens})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("hydrabrain: --device cuda was asked for but torch sees no CUDA device")
+    try:
+        read_texts(args.corpus, "train")  # before the teacher loads: a bad corpus fails in a second
+    except CorpusError as exc:
+        raise SystemExit(f"hydrabrain: {exc}") from exc
+    teacher, tokenizer = _load(args.teacher, "training")
+    from hydrabrain.inference.model import LLAMA_FAMILY
+
+    if getattr(teacher.config, "model_type", None) not in LLAMA_FAMILY:
+        raise SystemExit(
+            f"hydrabrain: {args.teacher} is a {teacher.config.model_type!r} model; conversion needs a Llama-family teacher "
+            f"({', '.join(LLAMA_FAMILY)}: q/k/v/o attention projections without bias, RoPE, RMSNorm), such as SmolLM2"
+        )
+    try:
+        fa, selection = _fa_heads(args, teacher, tokenizer)
+    except ValueError as exc:
+        raise SystemExit(f"hydrabrain: {exc}") from exc
+    print(f"full attention: {sum(map(len, fa))} KV groups {fa}", file=sys.stderr, flush=True)
+    cfg = ConvertConfig(fa_heads=fa, selection=selection, selection_seed=args.seed if selection == "random" else None,
+                        stage1_tokens=stage1, stage2_tokens=args.tokens - stage1, seq_len=args.seq_len, batch=args.batch,
+                        lr=args.lr, lr_distill=args.lr_distill, seed=args.seed, device=args.device, stage1_from=args.stage1_from)
+    bar = tqdm(total=args.tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="converting")
+    losses: dict[str, float] = {}
+    offset = {"stage1": 0, "stage2": stage1}
+
+    def progress(stage: str, done: int, _total: int, rate: float, loss: dict) -> None:
+        losses.update(loss)
+        bar.n = offset[stage] + done
+        bar.set_postfix_str(f"{stage} {rate:.0f} tok/s · " + " · ".join(f"{k} {v:.4f}" for k, v in losses.items()), refresh=True)
+
+    try:
+        student, report = convert(teacher, tokenizer, args.corpus, out, cfg, resume=args.resume, progress=progress, teacher_name=args.teacher)
+    except (CorpusError, ValueError, FloatingPointError) as exc:
+        raise SystemExit(f"hydrabrain: {exc}") from exc
+    finally:
+        bar.close()
+    if not args.no_eval:
+        try:
+            heldout = read_texts(args.corpus, "heldout")
+        except CorpusError:
+            print("no held-out split in the corpus: skipping the evaluation", file=sys.stderr)
+        else:
+            print("evaluating on the held-out split ...", file=sys.stderr, flush=True)
+            # prompts from every other held-out document, perplexity from the rest (all of it when there is one)
+            scored = heldout[1::2] or heldout
+            result = {"heldout_ppl": evaluate.heldout_perplexity(student, tokenizer, scored, tokens=8192, seq_len=args.seq_len), "passkey": {}}
+            for n in args.eval_lengths:
+                prompts = evaluate.passkey_prompts(tokenizer, heldout[::2], n, args.eval_samples, seed=n)
+                result["passkey"][str(n)] = evaluate.passkey_accuracy(student, prompts)
+            result["kv_bytes_per_token"], result["state_bytes"] = evaluate.cache_bytes(student.config)
+            report["evaluation"] = result
+            write_report(out, report)
+    print(json.dumps({k: report[k] for k in ("selection", "fa_groups", "tokens", "losses", "wall_s")} | {"evaluation": report.get("evaluation")}))
+    print(f"wrote {out} (serve it with: hydrabrain backend serve --model {out})", file=sys.stderr)
     return 0

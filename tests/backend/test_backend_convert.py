@@ -1,0 +1,147 @@
+"""Converting a Llama into a HydraHead hybrid: the identity start, both stages, resume, serving, and the errors."""
+
+from __future__ import annotations
+
+import json
+import lzma
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from backend_http import served
+
+from hydrabrain.inference import api
+from hydrabrain.inference.convert import ConvertConfig, TokenBatches, calibrate_gains, convert, distill_loss, read_texts, transfer_loss
+from hydrabrain.inference.model import HydraHeadForCausalLM, from_llama
+from hydrabrain.servers.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+MIXED = [[0], [1]]  # one FA and one GDN group in each of the tiny model's two layers
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A JSONL corpus (xz) of real prose: the example documents, one marked held out."""
+    docs = sorted((ROOT / "examples" / "corpus").glob("*.md"))
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl.xz"
+    with lzma.open(path, "wt", encoding="utf-8") as fh:
+        for i, doc in enumerate(docs):
+            fh.write(json.dumps({"text": doc.read_text(encoding="utf-8"), "split": "heldout" if i == 0 else "train"}) + "\n")
+    return path
+
+
+def small(fa_heads, **overrides) -> ConvertConfig:
+    settings = dict(stage1_tokens=2 * 2 * 32, stage2_tokens=2 * 2 * 32, seq_len=32, batch=2, lr=1e-2, lr_distill=1e-2, checkpoint_every=1)
+    return ConvertConfig(fa_heads=fa_heads, **{**settings, **overrides})
+
+
+def test_a_conversion_that_keeps_every_head_full_attention_gives_the_teachers_logits(tiny):
+    student = from_llama(tiny.hf, [[0, 1], [0, 1]]).eval()
+    ids = torch.tensor([tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, and then it rests.")])
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, tiny.hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_held_out_rows_are_never_trained_on(corpus):
+    train, heldout = read_texts(corpus, "train"), read_texts(corpus, "heldout")
+    assert len(heldout) == 1 and heldout[0] not in train and len(train) > 5
+
+
+def test_two_steps_of_each_stage_lower_both_losses(tiny, corpus, tmp_path):
+    cfg = small(MIXED)
+    probe = next(TokenBatches(read_texts(corpus), tiny.tokenizer, 2, 32, seed=1))
+    torch.manual_seed(cfg.seed)
+    before = from_llama(tiny.hf, MIXED)
+    calibrate_gains(tiny.hf, before, next(TokenBatches(read_texts(corpus), tiny.tokenizer, 2, 32, seed=cfg.seed)))
+    after, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", cfg)
+    with torch.no_grad():
+        assert float(transfer_loss(tiny.hf, after, probe)) < float(transfer_loss(tiny.hf, before, probe))
+        assert float(distill_loss(tiny.hf, after, probe)) < float(distill_loss(tiny.hf, before, probe))
+    assert report["tokens"] == {"stage1": 128, "stage2": 128}
+    assert report["fa_heads"] == MIXED and report["layer_heads"] == ["FG", "GF"]
+
+
+def test_training_changes_only_gdn_heads_and_their_fusion(tiny, corpus, tmp_path):
+    student, _ = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED))
+    theirs, ours = tiny.hf.state_dict(), student.state_dict()
+    torch.testing.assert_close(ours["model.layers.0.mlp.up_proj.weight"], theirs["model.layers.0.mlp.up_proj.weight"])
+    D = 16
+    # layer 0 keeps group 0 (query heads 0 and 1) as full attention: its rows stay the teacher's
+    torch.testing.assert_close(ours["model.layers.0.self_attn.q_proj.weight"][: 2 * D], theirs["model.layers.0.self_attn.q_proj.weight"][: 2 * D])
+    torch.testing.assert_close(ours["model.layers.0.self_attn.k_proj.weight"][:D], theirs["model.layers.0.self_attn.k_proj.weight"][:D])
+    assert not torch.equal(ours["model.layers.0.self_attn.k_proj.weight"][D:], theirs["model.layers.0.self_attn.k_proj.weight"][D:])
+
+
+def test_an_interrupted_conversion_resumes_from_its_checkpoint(tiny, corpus, tmp_path):
+    seen = []
+
+    def stop_after_three(stage, done, total, rate, losses):
+        seen.append((stage, done))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    cfg = small(MIXED, stage1_tokens=4 * 64)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", cfg, progress=stop_after_three)
+    assert (tmp_path / "out" / "checkpoint.pt").exists()
+    resumed = []
+    _, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", cfg, resume=True, progress=lambda s, d, *_: resumed.append((s, d)))
+    assert resumed[0] == ("stage1", 3 * 64)  # the two checkpointed steps are not trained again
+    assert report["stages"]["stage1"]["steps"] == 4 and report["stages"]["stage2"]["steps"] == 2
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_stage_one_heads_can_be_taken_from_an_all_gdn_bank(tiny, corpus, tmp_path):
+    bank, _ = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "bank", small([[], []], stage2_tokens=0))
+    student, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED, stage2_tokens=0, stage1_from=str(tmp_path / "bank")))
+    D = 16
+    torch.testing.assert_close(student.model.layers[0].self_attn.k_proj.weight[D:], bank.model.layers[0].self_attn.k_proj.weight[D:])
+    torch.testing.assert_close(student.model.layers[1].self_attn.A_log, bank.model.layers[1].self_attn.A_log[:1])
+    assert report["tokens"]["stage1"] == 128 and report["stage1_from"] == str(tmp_path / "bank")
+
+
+def test_a_converted_model_is_saved_loaded_and_served_over_the_http_api(tiny, corpus, tmp_path):
+    convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "hybrid", small(MIXED))
+    report = json.loads((tmp_path / "hybrid" / "conversion.json").read_text())
+    assert {"teacher", "selection", "fa_heads", "tokens", "losses", "wall_s", "device"} <= set(report)
+    engine, tokenizer = api.create_engine(str(tmp_path / "hybrid"), num_blocks=64)
+    assert isinstance(engine.runner.model, HydraHeadForCausalLM)
+    with served(api.build_app(engine, tokenizer, "hybrid")) as url, httpx.Client(base_url=url, timeout=120) as client:
+        body = client.post("/v1/completions", json={"model": "hybrid", "prompt": "The service", "max_tokens": 5, "temperature": 0}).json()
+    assert body["usage"]["completion_tokens"] == 5 and isinstance(body["choices"][0]["text"], str)
+
+
+def test_the_command_line_converts_and_writes_its_evaluation(tiny, corpus, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["model", "convert", str(tiny.folder), "--out", str(out), "--corpus", str(corpus), "--select", "layerwise",
+                 "--ratio", "0.5", "--tokens", "128", "--seq-len", "32", "--batch", "2", "--eval-samples", "2", "--eval-lengths", "128"])
+    assert code == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["selection"] == "layerwise" and report["fa_groups"] == 2
+    assert set(report["evaluation"]["passkey"]) == {"128"} and report["evaluation"]["heldout_ppl"] > 1
+    assert "serve it with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, complaint",
+    [
+        (["--corpus", "no/such/corpus.jsonl"], "does not exist"),
+        (["--ratio", "0.01"], "keeps no head"),
+    ],
+)
+def test_the_command_line_refuses_bad_input_with_a_clear_message(tiny, corpus, tmp_path, flags, complaint):
+    args = ["model", "convert", str(tiny.folder), "--out", str(tmp_path / "o"), "--corpus", str(corpus), "--select", "random", *flags]
+    with pytest.raises(SystemExit, match=complaint):
+        main(args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_teacher_that_is_not_llama_family_is_refused(tiny, corpus, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny.tokenizer), n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    with pytest.raises(SystemExit, match="Llama-family"):
+        main(["model", "convert", str(folder), "--out", str(tmp_path / "o"), "--corpus", str(corpus), "--select", "random"])
