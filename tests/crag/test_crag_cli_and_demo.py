@@ -21,10 +21,25 @@ from hydrabrain.shared.config import ModelPrice, ProviderConfig, Settings
 from searx_server import SearchServer
 
 
+# A fit sums floats in an order that differs between CPUs and thread counts: the sixth decimal moves.
+FIT_TOLERANCE = 1e-4
+
+
+def _same_fit(ours: object, shipped: object) -> bool:
+    if isinstance(ours, dict) and isinstance(shipped, dict):
+        return ours.keys() == shipped.keys() and all(_same_fit(ours[k], shipped[k]) for k in ours)
+    if isinstance(ours, list) and isinstance(shipped, list):
+        return len(ours) == len(shipped) and all(_same_fit(a, b) for a, b in zip(ours, shipped))
+    if isinstance(ours, float) or isinstance(shipped, float):
+        return ours == pytest.approx(shipped, rel=FIT_TOLERANCE, abs=FIT_TOLERANCE)
+    return ours == shipped
+
+
 def test_calibrate_reproduces_the_shipped_thresholds(tmp_path: Path, capsys: pytest.CaptureFixture[str], embedder_session: object) -> None:
     output = tmp_path / "thresholds.json"
     assert main(["crag", "calibrate", "--output", str(output)]) == 0
-    assert json.loads(output.read_text()) == json.loads(shipped_thresholds_path().read_text())
+    ours, shipped = json.loads(output.read_text()), json.loads(shipped_thresholds_path().read_text())
+    assert _same_fit(ours, shipped), f"calibration moved beyond {FIT_TOLERANCE}: {ours} vs {shipped}"
     printed = capsys.readouterr().out
     assert "set action accuracy" in printed and str(output) in printed
 
