@@ -13,12 +13,13 @@ from hydrabrain.inference.model import HydraHeadConfig, HydraHeadForCausalLM
 from hydrabrain.inference.scoring import calibrate
 
 
-@pytest.fixture(scope="module")
-def hydra():
+@pytest.fixture(scope="module", params=["normalised", "teacher"], ids=["trained_from_scratch", "converted"])
+def hydra(request):
     torch.manual_seed(0)
     # Layer 0 mixes one FA and one GDN group, layer 1 is all GDN (no K/V at all), layer 2 mixes the other way.
     config = HydraHeadConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=16, layer_heads=["FG", "GG", "GF"], max_position_embeddings=1024)
+                             num_key_value_heads=2, head_dim=16, layer_heads=["FG", "GG", "GF"], max_position_embeddings=1024,
+                             head_fusion=request.param)
     model = HydraHeadForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():  # move off the identity-like init so every path matters
