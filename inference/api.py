@@ -4,7 +4,8 @@ One worker thread owns the engine and steps it while any request is live; each H
 on its own asyncio queue. Errors use OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}``, with the matching status. A client that goes away (mid-stream or while waiting for a
 whole completion) cancels its request, and the engine gives its blocks back on the next step.
-Extension: a ``kv_budget`` field (tokens) sets the request's KV budget.
+Extensions: ``kv_budget`` (tokens) sets the request's KV budget and ``kv_policy`` which tokens
+survive compaction; the usage of a compacted request reports its KV bytes at peak and in steady state.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -125,6 +127,7 @@ class _Body(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1)
     kv_budget: int | None = Field(None, ge=1)
+    kv_policy: str | None = None
 
 
 class CompletionBody(_Body):
@@ -150,6 +153,7 @@ class BackendState:
     model_id: str
     default_max_tokens: int
     default_kv_budget: int | None
+    default_kv_policy: str | None
     created: int
 
 
@@ -178,7 +182,9 @@ def _params(state: BackendState, body: _Body, max_tokens: int | None) -> Samplin
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
     budget = body.kv_budget if body.kv_budget is not None else state.default_kv_budget
-    return SamplingParams(max_tokens=max_tokens or state.default_max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop, kv_budget=budget)
+    policy = body.kv_policy if body.kv_policy is not None else state.default_kv_policy
+    return SamplingParams(max_tokens=max_tokens or state.default_max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          stop=stop, kv_budget=budget, kv_policy=policy)
 
 
 def _message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -198,7 +204,7 @@ def _submit(state: BackendState, prompt_ids: list[int], params: SamplingParams, 
     try:
         return state.worker.submit(prompt_ids, params)
     except RequestRejected as exc:
-        raise APIError(400, str(exc), param=param if exc.code == "context_length_exceeded" else None, code=exc.code) from None
+        raise APIError(400, str(exc), param=exc.param or (param if exc.code == "context_length_exceeded" else None), code=exc.code) from None
 
 
 async def _next(queue: asyncio.Queue[RequestOutput], request: Request) -> RequestOutput | None:
@@ -215,8 +221,15 @@ async def _next(queue: asyncio.Queue[RequestOutput], request: Request) -> Reques
         return item
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(state: BackendState, out: RequestOutput) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                             "total_tokens": out.prompt_tokens + out.completion_tokens}
+    st = out.stats
+    if st is not None and st.policy is not None:
+        per_block = state.worker.engine.cache.bytes_per_block
+        usage["kv"] = {"policy": st.policy, "bytes_peak": st.peak_blocks * per_block, "bytes_steady": st.steady_blocks * per_block,
+                       "blocks_freed": st.blocks_freed, "compactions": st.compactions}
+    return usage
 
 
 # --- endpoints ----------------------------------------------------------------------------------
@@ -265,7 +278,7 @@ async def _run(request: Request, kind: Literal["text", "chat"], prompt_ids: list
             choice["text"] = content
         return JSONResponse(
             {"id": obj_id, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-             "model": state.model_id, "choices": [choice], "usage": _usage(last.prompt_tokens, last.completion_tokens)}
+             "model": state.model_id, "choices": [choice], "usage": _usage(state, last)}
         )
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -295,7 +308,7 @@ async def _run(request: Request, kind: Literal["text", "chat"], prompt_ids: list
                     yield chunk(out.new_text, out.finish_reason if out.finished else None)
             if include_usage:
                 usage = {"id": obj_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created,
-                         "model": state.model_id, "choices": [], "usage": _usage(out.prompt_tokens, out.completion_tokens)}
+                         "model": state.model_id, "choices": [], "usage": _usage(state, out)}
                 yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         except APIError as exc:
@@ -352,10 +365,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=type_).response()
 
 
-def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256, default_kv_budget: int | None = None) -> Starlette:
+def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256, default_kv_budget: int | None = None,
+              default_kv_policy: str | None = None) -> Starlette:
     """The Starlette app serving ``engine`` as ``model_id``; the engine thread runs while the app does."""
     worker = AsyncEngine(engine)
-    state = BackendState(worker, tokenizer, model_id, default_max_tokens, default_kv_budget, int(time.time()))
+    state = BackendState(worker, tokenizer, model_id, default_max_tokens, default_kv_budget, default_kv_policy, int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -379,23 +393,37 @@ def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_toke
     return app
 
 
-def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, prefill_chunk: int = 256, compaction_interval: int = 128) -> tuple[Engine, Any]:
-    """Load ``model`` (name or path), calibrate its query statistics and build an engine."""
+def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, prefill_chunk: int = 256, compaction_interval: int = 128,
+                  kv_policy: str = "auto", heads_file: str | Path | None = None, rank_if_missing: bool = False,
+                  calibration_text: str | None = None) -> tuple[Engine, Any]:
+    """Load ``model`` (name or path), calibrate its query statistics and build an engine.
+
+    ``heads_file`` caches the model's head ranking (causal patching) for the ``heads`` policy: read
+    when it exists, else computed and written when ``rank_if_missing`` (minutes on a CPU).
+    ``calibration_text`` replaces the built-in paragraph for the triattention statistics.
+    """
     import torch
 
     from hydrabrain.inference import model as hydrahead  # registers the HydraHead Auto classes
     from hydrabrain.inference import models
     from hydrabrain.inference.hydra import PagedHydraHead
     from hydrabrain.inference.llama import PagedLlama
+    from hydrabrain.inference.policies import load_head_ranking, rank_heads
     from hydrabrain.inference.scoring import CALIBRATION_TEXT, calibrate
 
     hf_model, tokenizer = models.load(model)
     runner = PagedHydraHead(hf_model) if isinstance(hf_model, hydrahead.HydraHeadForCausalLM) else PagedLlama(hf_model)
-    ids = torch.tensor(tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=False)[: runner.max_position])
+    ids = torch.tensor(tokenizer.encode(calibration_text or CALIBRATION_TEXT, add_special_tokens=False)[: runner.max_position])
     stats = calibrate(runner, ids)
     eos = [t for t in {tokenizer.eos_token_id, getattr(runner.config, "eos_token_id", None)} if isinstance(t, int)]
+    ranking = None
+    if heads_file is not None and getattr(runner, "whole_heads_supported", False):
+        if Path(heads_file).is_file():
+            ranking = load_head_ranking(heads_file)
+        elif rank_if_missing:
+            ranking = rank_heads(hf_model, tokenizer, heads_file)
     engine = Engine(runner, tokenizer, num_blocks=num_blocks, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                    compaction_interval=compaction_interval, stats=stats, eos_token_ids=eos)
+                    compaction_interval=compaction_interval, stats=stats, eos_token_ids=eos, kv_policy=kv_policy, head_ranking=ranking)
     return engine, tokenizer
 
 

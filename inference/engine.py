@@ -9,6 +9,7 @@ HTTP layer drives it from one worker thread (``cancel`` is safe to call from any
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import threading
@@ -20,7 +21,8 @@ from typing import Literal
 import torch
 
 from hydrabrain.inference.kv_cache import BLOCK_SIZE
-from hydrabrain.inference.scoring import QueryStats, plan_compaction
+from hydrabrain.inference.policies import H2O, Heads, Policy, PolicyState, Recent, SnapKV, TriAttention, UnknownPolicy, parse_policy
+from hydrabrain.inference.scoring import QueryStats
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -28,9 +30,10 @@ FinishReason = Literal["stop", "length", "cancelled"]
 class RequestRejected(ValueError):
     """The request can never run as asked (too long, too large for the pool, bad parameters)."""
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param  # the request field at fault, when one is
 
 
 @dataclass
@@ -41,6 +44,10 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompt, same params: same tokens
     stop: list[str] = field(default_factory=list)  # text that ends the completion (not included)
     kv_budget: int | None = None  # tokens of K/V the sequence may keep; None keeps them all
+    kv_policy: str | None = None  # which tokens survive compaction (policies.POLICY_NAMES); None: the engine's default
+    # The first N prompt tokens are a document read before any question: prompt-end policies select
+    # there, so the question that follows cannot guide them (one cached document, several questions).
+    kv_document_tokens: int | None = None
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
 
 
@@ -53,13 +60,17 @@ class RequestOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    stats: RequestStats | None = None  # on the last output of a request
 
 
 @dataclass
 class RequestStats:
+    policy: str | None = None  # the compaction policy that ran (None: full cache)
     compactions: int = 0
     blocks_freed: int = 0
-    peak_blocks: int = 0
+    peak_blocks: int = 0  # most blocks held at once, reserved whole-K/V blocks included
+    steady_blocks: int = 0  # most blocks held once the prompt had been read (while decoding)
+    whole_blocks: int = 0  # blocks reserved for whole-K/V heads (the heads policy)
     compaction_s: float = 0.0
 
 
@@ -69,7 +80,14 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
-    need_blocks: int  # worst case blocks held at once
+    need_blocks: int  # worst case blocks held at once (drops to the steady case once a prompt-end policy has compacted)
+    policy: Policy | None = None
+    pstate: PolicyState | None = None
+    budget: int | None = None  # tokens the compacted cache keeps (the KV budget less the whole-K/V heads' share)
+    end_point: int = 0  # prompt tokens read before the prompt-end pass (the prompt, or the document)
+    steady_need: int = 0
+    whole: list[list[int]] | None = None  # per layer, KV heads kept whole
+    prompt_read: bool = False
     output: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already through the model
     next_position: int = 0  # logical position of the next token fed (never shrinks)
@@ -93,11 +111,16 @@ class Engine:
         prefill_chunk: int = 256,
         compaction_interval: int = 128,
         sinks: int = 4,
-        recent: int = 128,
+        recent: int = 32,
         stats: QueryStats | None = None,
         max_context: int | None = None,
         max_prefill_tokens: int = 1024,
         eos_token_ids: list[int] | None = None,
+        kv_policy: str = "auto",
+        head_ranking: list[tuple[int, int]] | None = None,
+        whole_heads: int = 3,
+        snapkv_window: int = 32,
+        snapkv_pool: int = 7,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -109,6 +132,13 @@ class Engine:
         self.sinks = sinks
         self.recent = recent
         self.stats = stats
+        self.head_ranking = head_ranking
+        self.whole_heads = whole_heads
+        self.snapkv_window, self.snapkv_pool = snapkv_window, snapkv_pool
+        self._policies: dict[str, Policy] = {}
+        self._decode_hook = "query_hook" in inspect.signature(runner.decode).parameters
+        self.kv_policy = kv_policy
+        self.policy(kv_policy)  # an unknown default fails at start-up, not at the first request
         self.max_context = max_context or runner.max_position
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
@@ -141,15 +171,35 @@ class Engine:
                 f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more: shorten the prompt or lower max_tokens",
                 code="context_length_exceeded",
             )
+        total = len(prompt_ids) + params.max_tokens
         budget = params.kv_budget
-        if budget is not None and self.stats is None:
-            raise RequestRejected("this engine was started without query statistics, so it cannot honour a KV budget")
-        if budget is not None and budget < self.sinks + self.recent:
-            raise RequestRejected(f"kv_budget must be at least {self.sinks + self.recent} tokens (sinks plus the recent window)")
-        worst = len(prompt_ids) + params.max_tokens
+        policy = self.policy(params.kv_policy or self.kv_policy) if budget is not None or params.kv_policy else None
+        doc = params.kv_document_tokens
+        if doc is not None and not 0 < doc <= len(prompt_ids):
+            raise RequestRejected(f"kv_document_tokens must lie in [1, {len(prompt_ids)}] (the prompt's length)", param="kv_document_tokens")
+        end_point = doc or len(prompt_ids)
+        whole: list[list[int]] | None = None
+        whole_blocks = 0
         if budget is not None:
-            worst = min(worst, budget + max(self.compaction_interval, self.prefill_chunk) + 1)
-        need = math.ceil(worst / BLOCK_SIZE)
+            if budget < self.sinks + self.recent:
+                raise RequestRejected(f"kv_budget must be at least {self.sinks + self.recent} tokens (sinks plus the recent window)", param="kv_budget")
+            if isinstance(policy, Heads):
+                whole = policy.whole_by_layer(len(self.cache.k))
+                whole_blocks = self.cache.whole_blocks_needed(whole, total)
+                if budget - whole_blocks * BLOCK_SIZE < self.sinks + self.recent:
+                    raise RequestRejected(
+                        f"kv_budget {budget} is too small for the heads policy: the whole K/V of {len(policy.whole_heads)} KV heads over "
+                        f"{total} tokens takes {whole_blocks * BLOCK_SIZE} tokens of it; ask for at least "
+                        f"{whole_blocks * BLOCK_SIZE + self.sinks + self.recent} or another kv_policy", param="kv_budget")
+        main = None if budget is None else budget - whole_blocks * BLOCK_SIZE
+        if main is None or policy is None:
+            worst = steady = total
+        elif policy.streaming:
+            worst = steady = min(total, main + max(self.compaction_interval, self.prefill_chunk) + 1)
+        else:  # holds everything read until the end of the prompt, then the budget plus what arrives between passes
+            steady = min(total, main + self.compaction_interval + self.prefill_chunk + 1)
+            worst = max(min(total, end_point), steady)
+        need = math.ceil(worst / BLOCK_SIZE) + whole_blocks
         if need > self.cache.pool.num_blocks:
             raise RequestRejected(
                 f"the request may need {need} KV blocks but the pool has {self.cache.pool.num_blocks}: lower max_tokens, shorten the prompt or set a kv budget"
@@ -157,8 +207,54 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         gen = torch.Generator()
         gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        self.waiting.append(_Request(rid, list(prompt_ids), params, gen, need))
+        r = _Request(rid, list(prompt_ids), params, gen, need, policy=policy, budget=main, end_point=end_point,
+                     steady_need=math.ceil(steady / BLOCK_SIZE) + whole_blocks, whole=whole)
+        if policy is not None and budget is not None:
+            r.pstate = policy.new_state(len(self.cache.k))
+            r.stats.policy = policy.label
+            r.stats.whole_blocks = whole_blocks
+        self.waiting.append(r)
         return rid
+
+    def policy(self, spec: str) -> Policy:
+        """The compaction policy a request names (``auto`` resolved); RequestRejected naming kv_policy if none fits."""
+        try:
+            parsed = parse_policy(spec)
+        except UnknownPolicy as exc:
+            raise RequestRejected(str(exc), param="kv_policy") from None
+        name = parsed.name
+        if name == "auto":
+            name = self.auto_policy
+        key = f"{name}:{parsed.granularity}"
+        if key in self._policies:
+            return self._policies[key]
+        common = {"sinks": self.sinks, "recent": self.recent, "granularity": parsed.granularity,
+                  "scale": getattr(self.runner, "scale", self.runner.head_dim**-0.5), "inv_freq": self.runner.inv_freq}
+        snap = {"window": self.snapkv_window, "pool": self.snapkv_pool}
+        if name == "recent":
+            policy: Policy = Recent(**common)
+        elif name == "h2o":
+            policy = H2O(**common)
+        elif name == "snapkv":
+            policy = SnapKV(**snap, **common)
+        elif name == "triattention":
+            if self.stats is None:
+                raise RequestRejected("this engine was started without query statistics, so it cannot run the triattention policy", param="kv_policy")
+            policy = TriAttention(stats=self.stats, **common)
+        else:  # heads
+            if not self.head_ranking or not getattr(self.runner, "whole_heads_supported", False):
+                raise RequestRejected("the heads policy needs a head ranking (causal patching) and a model runner that keeps whole K/V heads; "
+                                      "this engine has none: choose another kv_policy", param="kv_policy")
+            policy = Heads(whole_heads=self.head_ranking[: self.whole_heads], **snap, **common)
+        self._policies[key] = policy
+        return policy
+
+    @property
+    def auto_policy(self) -> str:
+        """What ``auto`` means here: the policy the KV benchmark found best (benchmarks/kv_compaction.md)."""
+        if self.head_ranking and getattr(self.runner, "whole_heads_supported", False):
+            return "heads"
+        return "snapkv"
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its blocks go back to the pool at the start of the next step."""
@@ -183,9 +279,16 @@ class Engine:
         for r in [r for r in self.running if r.prefilled < len(r.prompt)]:
             if prefill_tokens >= self.max_prefill_tokens:
                 break
-            chunk = r.prompt[r.prefilled : r.prefilled + self.prefill_chunk]
+            stop = r.prefilled + self.prefill_chunk
+            if r.prefilled < r.end_point:
+                stop = min(stop, r.end_point)  # the prompt-end pass runs exactly where the document ends
+            chunk = r.prompt[r.prefilled : stop]
             prefill_tokens += len(chunk)
-            logits = self.runner.prefill(self.cache, r.id, torch.tensor(chunk), r.prefilled)
+            queries: list = [None] * len(self.cache.k)
+            hook = queries.__setitem__ if r.policy is not None and r.policy.needs_queries and r.pstate is not None else None
+            logits = self.runner.prefill(self.cache, r.id, torch.tensor(chunk), r.prefilled, query_hook=hook)
+            if hook is not None:
+                r.policy.observe(r.pstate, self.cache, r.id, queries, torch.arange(r.prefilled, r.prefilled + len(chunk)), r.prompt_read)
             r.prefilled += len(chunk)
             r.next_position = r.prefilled
             r.since_compaction += len(chunk)
@@ -198,9 +301,17 @@ class Engine:
             started = time.perf_counter()
             tokens = torch.tensor([r.output[-1] for r in decoding])
             positions = torch.tensor([r.next_position for r in decoding])
-            logits = self.runner.decode(self.cache, [r.id for r in decoding], tokens, positions)
+            watched = [row for row, r in enumerate(decoding) if r.policy is not None and r.policy.needs_queries and r.pstate is not None]
+            queries: list = [None] * len(self.cache.k)
+            kwargs = {"query_hook": queries.__setitem__} if watched and self._decode_hook else {}
+            logits = self.runner.decode(self.cache, [r.id for r in decoding], tokens, positions, **kwargs)
             self.decode_s += time.perf_counter() - started
             self.decode_tokens += len(decoding)
+            if kwargs:
+                for row in watched:
+                    r = decoding[row]
+                    rows = [q[row : row + 1] if q is not None else None for q in queries]
+                    r.policy.observe(r.pstate, self.cache, r.id, rows, positions[row : row + 1], r.prompt_read)
             for row, r in enumerate(decoding):
                 r.next_position += 1
                 r.since_compaction += 1
@@ -208,7 +319,10 @@ class Engine:
                 self._maybe_compact(r, after_prefill_chunk=False)
 
         for r in list(self.running):
-            r.stats.peak_blocks = max(r.stats.peak_blocks, self.cache.blocks_held(r.id))
+            held = self.cache.blocks_held(r.id)
+            r.stats.peak_blocks = max(r.stats.peak_blocks, held)
+            if r.output or r.id in produced:
+                r.stats.steady_blocks = max(r.stats.steady_blocks, held)
             if r.id in produced:
                 outputs.append(self._emit(r, produced[r.id]))
         return outputs
@@ -236,27 +350,44 @@ class Engine:
                 return  # it waits for blocks; FIFO so a large request is not starved
             self.waiting.popleft()
             self.cache.add(r.id)
+            if r.whole:
+                self.cache.add_whole(r.id, r.whole, len(r.prompt) + r.params.max_tokens)
             self.running.append(r)
 
     def _maybe_compact(self, r: _Request, after_prefill_chunk: bool) -> None:
-        """Compact after every prefill chunk once over budget, then every ``compaction_interval`` decoded tokens."""
+        """Streaming policies compact after every prefill chunk once over budget; prompt-end policies once
+        the prompt (or document) has been read; both then every ``compaction_interval`` tokens."""
         r.stats.peak_blocks = max(r.stats.peak_blocks, self.cache.blocks_held(r.id))
-        budget = r.params.kv_budget
-        length = self.cache.length(r.id)
-        if budget is None or self.stats is None or length <= budget:
+        ended_now = not r.prompt_read and r.prefilled >= r.end_point
+        r.prompt_read = r.prompt_read or ended_now
+        budget, policy = r.budget, r.policy
+        if budget is None or policy is None or r.pstate is None:
             return
-        if not after_prefill_chunk and r.since_compaction < self.compaction_interval:
-            return
-        started = time.perf_counter()
-        keep = plan_compaction(self.cache, r.id, self.stats, r.next_position, budget, self.sinks, self.recent)
-        freed = self.cache.compact(r.id, keep)
-        took = time.perf_counter() - started
-        r.since_compaction = 0
-        r.stats.compactions += 1
-        r.stats.blocks_freed += freed
-        r.stats.compaction_s += took
-        self.compaction_s += took
-        self.blocks_freed += freed
+        if ended_now:
+            policy.end_of_prompt(r.pstate, self.cache, r.id)
+            if not policy.streaming:
+                r.since_compaction = 0  # decode-time passes count from the end of the prompt
+        due = False
+        if self.cache.length(r.id) > budget:
+            if ended_now and not policy.streaming:
+                due = True
+            elif policy.streaming:
+                due = after_prefill_chunk or r.since_compaction >= self.compaction_interval
+            else:
+                due = r.prompt_read and r.since_compaction >= self.compaction_interval
+        if due:
+            started = time.perf_counter()
+            keep = policy.plan(r.pstate, self.cache, r.id, r.next_position, budget)
+            freed = self.cache.compact(r.id, keep)
+            took = time.perf_counter() - started
+            r.since_compaction = 0
+            r.stats.compactions += 1
+            r.stats.blocks_freed += freed
+            r.stats.compaction_s += took
+            self.compaction_s += took
+            self.blocks_freed += freed
+        if ended_now:
+            r.need_blocks = min(r.need_blocks, r.steady_need)  # the prompt-end peak is over: others may use it
 
     # --- sampling and output ------------------------------------------------------------------------
 
@@ -306,7 +437,7 @@ class Engine:
         r.emitted = safe
         if finished:
             self._finish(r)
-        return RequestOutput(r.id, new_ids, new_text, finished, r.finish_reason, len(r.prompt), len(r.output))
+        return RequestOutput(r.id, new_ids, new_text, finished, r.finish_reason, len(r.prompt), len(r.output), r.stats if finished else None)
 
     def _finish(self, r: _Request) -> None:
         self.running.remove(r)

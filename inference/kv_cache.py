@@ -141,6 +141,21 @@ def blocks_emptied_by_eviction(seq_len: int, keep: Sequence[int], block_size: in
 
 
 @dataclass
+class WholeKV:
+    """The whole K/V of a few KV heads of one sequence, never compacted, kept beside its blocks.
+
+    Its bytes are reserved as pool blocks (``reserved``) so that admission and accounting count them;
+    the rows themselves live in their own tensors, indexed by logical position.
+    """
+
+    heads: list[list[int]]  # per layer, the cache's KV-head indices kept whole
+    k: list[torch.Tensor | None]  # per layer (capacity, len(heads[layer]), D)
+    v: list[torch.Tensor | None]
+    lengths: list[int]  # per layer, tokens written
+    reserved: list[int]  # pool blocks held for these bytes
+
+
+@dataclass
 class SequenceBlocks:
     """One sequence's view of the cache."""
 
@@ -167,6 +182,7 @@ class PagedKVCache:
         # Per-sequence state that is not K/V (the fixed-size state of linear-attention heads);
         # it lives and dies with the sequence's blocks.
         self.state: dict[str, object] = {}
+        self.whole: dict[str, WholeKV] = {}
 
     @property
     def bytes_per_block(self) -> int:
@@ -179,11 +195,52 @@ class PagedKVCache:
             raise ValueError(f"sequence {seq_id!r} is already in the cache")
         self.seqs[seq_id] = SequenceBlocks([])
 
+    def whole_blocks_needed(self, heads: Sequence[Sequence[int]], capacity: int) -> int:
+        """Pool blocks whose bytes equal the whole K/V of ``heads`` (per layer) for ``capacity`` tokens."""
+        elem = self.k[0].element_size() if self.k else 0
+        nbytes = 2 * capacity * self.head_dim * elem * sum(len(h) for h in heads)
+        return math.ceil(nbytes / self.bytes_per_block) if nbytes else 0
+
+    def add_whole(self, seq_id: str, heads: Sequence[Sequence[int]], capacity: int) -> int:
+        """Keep the whole K/V of ``heads`` (per layer) for up to ``capacity`` tokens; returns blocks reserved."""
+        reserved = self.pool.allocate(self.whole_blocks_needed(heads, capacity))
+        ref = self.k[0] if self.k else torch.zeros(0)
+        ks = [ref.new_zeros(capacity, len(h), self.head_dim) if h else None for h in heads]
+        vs = [ref.new_zeros(capacity, len(h), self.head_dim) if h else None for h in heads]
+        self.whole[seq_id] = WholeKV([list(h) for h in heads], ks, vs, [0] * len(heads), reserved)
+        return len(reserved)
+
+    def attend_whole(self, layer: int, seq_ids: Sequence[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, scale: float) -> None:
+        """Redo attention for the KV heads kept whole, over their whole history, in place in ``o``.
+
+        q, o: (B, T, Hq, D); k, v: (B, T, Hkv, D), post-RoPE, the T tokens each sequence just added
+        (the rows are appended to the whole store first). Sequences without whole heads are untouched.
+        """
+        rep = q.shape[2] // max(1, k.shape[2])
+        for row, seq_id in enumerate(seq_ids):
+            whole = self.whole.get(seq_id)
+            if whole is None or not whole.heads[layer]:
+                continue
+            heads = whole.heads[layer]
+            start, t = whole.lengths[layer], k.shape[1]
+            whole.k[layer][start : start + t] = k[row][:, heads].to(whole.k[layer].dtype)
+            whole.v[layer][start : start + t] = v[row][:, heads].to(whole.v[layer].dtype)
+            whole.lengths[layer] = n = start + t
+            queries = [h * rep + j for h in heads for j in range(rep)]
+            mask = torch.arange(n)[None, :] <= (start + torch.arange(t))[:, None]  # (T, n)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[row][:, queries].transpose(0, 1), whole.k[layer][:n].transpose(0, 1), whole.v[layer][:n].transpose(0, 1),
+                attn_mask=mask, scale=scale, enable_gqa=True,
+            )  # (len(queries), T, D)
+            o[row][:, queries] = out.transpose(0, 1).to(o.dtype)
+
     def length(self, seq_id: str) -> int:
         return self.seqs[seq_id].length
 
     def blocks_held(self, seq_id: str) -> int:
-        return len(self.seqs[seq_id].blocks)
+        """Blocks the sequence holds, the ones reserved for its whole-K/V heads included."""
+        whole = self.whole.get(seq_id)
+        return len(self.seqs[seq_id].blocks) + (len(whole.reserved) if whole else 0)
 
     def append_slots(self, seq_id: str, n: int) -> torch.Tensor:
         """Grow the sequence by ``n`` tokens, allocating blocks as needed; returns their slots (n,)."""
@@ -226,22 +283,34 @@ class PagedKVCache:
         v = self.v[layer].view(-1, *self.v[layer].shape[2:])[slots]
         return k, v
 
-    def compact(self, seq_id: str, keep_per_layer: Sequence[Sequence[int]]) -> int:
+    def compact(self, seq_id: str, keep_per_layer: Sequence[Sequence[int] | Sequence[Sequence[int]]]) -> int:
         """Keep, in every layer, the tokens at the given physical indices; returns blocks freed.
 
-        Each layer's list is strictly ascending and all have the same length.
+        A layer's entry is one strictly ascending list (every KV head keeps those tokens) or one
+        such list per KV head (each head keeps its own tokens in the same slots). Every list has
+        the same length, so one block table still serves every layer and head.
         """
         seq = self.seqs[seq_id]
-        sizes = {len(keep) for keep in keep_per_layer}
+        per_layer = [[list(h) for h in keep] if keep and not isinstance(keep[0], int) else [list(keep)] for keep in keep_per_layer]
+        sizes = {len(h) for heads in per_layer for h in heads}
         if len(keep_per_layer) != len(self.k) or len(sizes) != 1:
-            raise ValueError("compaction needs one keep list per layer, all of the same length")
+            raise ValueError("compaction needs one keep list per layer (or per KV head), all of the same length")
         remap = None
-        for layer, keep in enumerate(keep_per_layer):
-            remap = compaction_remap(seq.blocks, seq.length, keep)
-            if remap.src_slots and self.kv_heads[layer]:
-                src = torch.tensor(remap.src_slots, dtype=torch.int32, device=self.k[layer].device)
-                dst = torch.tensor(remap.dst_slots, dtype=torch.int32, device=self.k[layer].device)
-                ops.kv_compact(self.k[layer], self.v[layer], src, dst)
+        for layer, heads in enumerate(per_layer):
+            if len(heads) > 1 and len(heads) != self.kv_heads[layer]:
+                raise ValueError(f"layer {layer} has {self.kv_heads[layer]} KV heads but {len(heads)} keep lists")
+            for head, keep in enumerate(heads):
+                remap = compaction_remap(seq.blocks, seq.length, keep)
+                if not remap.src_slots or not self.kv_heads[layer]:
+                    continue
+                src = torch.tensor(remap.src_slots, dtype=torch.long, device=self.k[layer].device)
+                dst = torch.tensor(remap.dst_slots, dtype=torch.long, device=self.k[layer].device)
+                if len(heads) == 1:
+                    ops.kv_compact(self.k[layer], self.v[layer], src.int(), dst.int())
+                    continue
+                for cache in (self.k[layer], self.v[layer]):
+                    flat = cache.view(-1, *cache.shape[2:])  # (slots, Hkv, D)
+                    flat[dst, head] = flat[src, head].clone()
         assert remap is not None
         seq.blocks = remap.kept_blocks
         seq.length = remap.new_len
@@ -251,11 +320,12 @@ class PagedKVCache:
         """Drop the sequence; returns how many blocks went back to the pool."""
         seq = self.seqs.pop(seq_id, None)
         self.state.pop(seq_id, None)
-        return self.pool.free(seq.blocks) if seq else 0
+        whole = self.whole.pop(seq_id, None)
+        return (self.pool.free(seq.blocks) if seq else 0) + (self.pool.free(whole.reserved) if whole else 0)
 
     def assert_invariants(self) -> None:
         self.pool.assert_invariants()
-        held = [b for s in self.seqs.values() for b in s.blocks]
+        held = [b for s in self.seqs.values() for b in s.blocks] + [b for w in self.whole.values() for b in w.reserved]
         for s_id, s in self.seqs.items():
             assert len(s.blocks) == math.ceil(s.length / BLOCK_SIZE), f"{s_id}: {len(s.blocks)} blocks for {s.length} tokens"
         counts: dict[int, int] = {}

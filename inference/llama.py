@@ -34,6 +34,8 @@ class LayerWeights:
 class PagedLlama:
     """Llama weights plus a batched forward over a PagedKVCache. Stateless between calls."""
 
+    whole_heads_supported = True  # reads ``cache.whole`` (KV heads a compaction policy keeps whole)
+
     def __init__(self, hf_model: torch.nn.Module) -> None:
         cfg = hf_model.config
         self.config = cfg
@@ -108,17 +110,24 @@ class PagedLlama:
     # --- forwards ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, cache: PagedKVCache, seq_ids: Sequence[str], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence (B,), at logical ``positions`` (B,); returns logits (B, vocab)."""
+    def decode(self, cache: PagedKVCache, seq_ids: Sequence[str], tokens: torch.Tensor, positions: torch.Tensor, query_hook: QueryHook | None = None) -> torch.Tensor:
+        """One new token per sequence (B,), at logical ``positions`` (B,); returns logits (B, vocab).
+
+        ``query_hook`` sees each layer's pre-RoPE queries (B, Hq, D), one row per sequence.
+        """
         slots = torch.cat([cache.append_slots(s, 1) for s in seq_ids])  # (B,)
         tables, lens = cache.tables(seq_ids)
         cos, sin = self._angles(positions)
         x = self.embed[tokens]  # (B, hidden)
         for i, w in enumerate(self.layers):
             q, k, v = self._qkv(self._norm(x, w.attn_norm), w)
+            if query_hook is not None:
+                query_hook(i, q)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             cache.write(i, slots, k, v)
             o = ops.paged_decode_attention(q.contiguous(), cache.k[i], cache.v[i], tables, lens, self.scale)  # (B, Hq, D)
+            if cache.whole:  # KV heads a compaction policy keeps whole read their whole history instead
+                cache.attend_whole(i, seq_ids, q[:, None], k[:, None], v[:, None], o[:, None], self.scale)
             x = x + o.reshape(len(seq_ids), -1) @ w.wo
             x = x + self._mlp(self._norm(x, w.mlp_norm), w)
         return self.logits(x)
@@ -145,7 +154,9 @@ class PagedLlama:
             k_all, v_all = cache.gather(i, seq_id) if history else (k, v)  # (L, Hkv, D)
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1), k_all.transpose(0, 1), v_all.transpose(0, 1), attn_mask=mask, scale=self.scale, enable_gqa=True
-            )  # (Hq, T, D)
-            x = x + o.transpose(0, 1).reshape(t, -1) @ w.wo
+            ).transpose(0, 1)  # (T, Hq, D)
+            if cache.whole:
+                cache.attend_whole(i, [seq_id], q[None], k[None], v[None], o[None], self.scale)
+            x = x + o.reshape(t, -1) @ w.wo
             x = x + self._mlp(self._norm(x, w.mlp_norm), w)
         return self.logits(x) if all_logits else self.logits(x[-1:])[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default=None, help="bind address (default: backend.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: backend.port, 8808)")
     serve.add_argument("--kv-budget", type=int, default=None, metavar="N", help="default per-request KV budget in tokens; compaction keeps each sequence near it (default: backend.kv_budget_tokens, unset = full cache)")
+    serve.add_argument("--kv-policy", default=None, metavar="NAME",
+                       help="default compaction policy: auto, recent, h2o, snapkv, triattention or heads (default: backend.kv_policy, auto)")
+    serve.add_argument("--heads-file", default=None, metavar="FILE",
+                       help="head ranking for the heads policy (default: computed once per model by causal patching and cached in the data home)")
     serve.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="16-token blocks in the KV pool (default 2048)")
     serve.add_argument("--max-batch", type=int, default=None, metavar="N", help="sequences decoded together (default: backend.max_batch)")
     serve.add_argument("--name", default=None, help="model id clients send (default: the --model value)")
@@ -32,24 +37,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from hydrabrain.servers.cli import settings_from
 
-    cfg = settings_from(args).backend
+    settings = settings_from(args)
+    cfg = settings.backend
     model = args.model or cfg.model
     host = args.host or cfg.host
     port = args.port or cfg.port
     budget = args.kv_budget if args.kv_budget is not None else cfg.kv_budget_tokens
+    policy = args.kv_policy or cfg.kv_policy
 
     from hydrabrain.inference import api
+    from hydrabrain.inference.engine import RequestRejected
     from hydrabrain.inference.models import ModelNotFound
+    from hydrabrain.inference.policies import UnknownPolicy, parse_policy
 
     try:
-        engine, tokenizer = api.create_engine(model, num_blocks=args.kv_blocks, max_batch=args.max_batch or cfg.max_batch)
+        name = parse_policy(policy).name
+    except UnknownPolicy as exc:
+        print(f"hydrabrain backend: --kv-policy: {exc}", file=sys.stderr)
+        return 2
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    heads_file = args.heads_file or settings.data_dir("backend", "heads") / f"{slug}.json"
+    # Ranking heads takes minutes on a CPU: only when the default policy will use it.
+    rank = budget is not None and name in ("heads", "auto")
+    if rank and not Path(heads_file).is_file():
+        print(f"hydrabrain backend: ranking {model}'s heads by causal patching once (cached in {heads_file})", file=sys.stderr, flush=True)
+    try:
+        engine, tokenizer = api.create_engine(model, num_blocks=args.kv_blocks, max_batch=args.max_batch or cfg.max_batch,
+                                              kv_policy=policy, heads_file=heads_file, rank_if_missing=rank)
     except ModelNotFound as exc:
         print(f"hydrabrain backend: {exc}", file=sys.stderr)
+        return 2
+    except RequestRejected as exc:
+        print(f"hydrabrain backend: --kv-policy: {exc}", file=sys.stderr)
         return 2
     if budget is not None and budget < engine.sinks + engine.recent:
         print(f"hydrabrain backend: --kv-budget must be at least {engine.sinks + engine.recent} tokens", file=sys.stderr)
         return 2
-    app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget)
+    app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget, default_kv_policy=policy)
     print(f"hydrabrain backend: serving {args.name or model} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     api.serve(app, host, port)
     return 0

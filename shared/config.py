@@ -174,6 +174,9 @@ class BackendConfig(Section):
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8808, ge=1, le=65535, description="Port")
     kv_budget_tokens: int | None = Field(None, description="Default per-request KV budget; unset keeps the full cache")
+    kv_policy: Literal["auto", "recent", "h2o", "snapkv", "triattention", "heads"] = Field(
+        "auto", description="Default KV compaction policy (which tokens survive a KV budget); auto picks the measured best"
+    )
     max_batch: int = Field(8, ge=1, description="Most sequences decoded together")
 
 

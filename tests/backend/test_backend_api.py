@@ -82,7 +82,9 @@ def test_a_streamed_completion_ends_with_done(backend):
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
         ("/v1/completions", {"model": MODEL, "prompt": "x " * 1100}, 400, "prompt", "context_length_exceeded"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature", None),
-        ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_budget": 3}, 400, None, "invalid_request"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_budget": 3}, 400, "kv_budget", "invalid_request"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_budget": 64, "kv_policy": "lru"}, 400, "kv_policy", "invalid_request"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_budget": 64, "kv_policy": "heads"}, 400, "kv_policy", "invalid_request"),
         ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
     ],
 )

@@ -97,7 +97,7 @@ def test_after_compaction_the_next_token_sees_exactly_the_kept_tokens_at_their_o
 
 def test_a_budget_below_the_sequence_compacts_every_interval_and_gives_whole_blocks_back(tiny):
     engine = _engine(tiny)
-    params = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True, kv_budget=64)
+    params = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True, kv_budget=64, kv_policy="triattention")
     [out] = engine.generate([_prompt(200, 11)], params)
     assert len(out) == 150
     [stats] = engine.finished_stats.values()

@@ -1,0 +1,210 @@
+"""KV compaction policies on a tiny Llama whose every query attends to one planted token."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from hydrabrain.inference.engine import Engine, RequestRejected, SamplingParams
+from hydrabrain.inference.kv_cache import BLOCK_SIZE
+from hydrabrain.inference.llama import PagedLlama
+from hydrabrain.inference.policies import H2O, TriAttention
+from hydrabrain.inference.scoring import calibrate
+
+PLANT = 777  # the token id every query attends to
+PAIR = 7  # the lowest RoPE frequency pair of a 16-dim head (dims 7 and 15): nearly position-free
+
+
+@dataclass
+class Planted:
+    runner: PagedLlama
+    hf: object
+    stats: object
+
+
+@pytest.fixture(scope="module")
+def planted(tiny) -> Planted:
+    """The tiny model rewired so that hidden dim 0 marks the planted token and dim 1 is on for every token.
+
+    Every query gets a large component on the slow RoPE pair from dim 1, and only the planted token's
+    key has one (from dim 0), so every head of every layer attends to it wherever it sits.
+    """
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(tiny.hf.config)
+    hf.load_state_dict(tiny.hf.state_dict())
+    D = hf.config.head_dim
+    with torch.no_grad():
+        emb = hf.model.embed_tokens.weight
+        emb[:, 0] = 0.0
+        emb[:, 1] = 0.05
+        emb[PLANT, 0] = 1.0
+        for layer in hf.model.layers:
+            a = layer.self_attn
+            for h in range(hf.config.num_attention_heads):
+                a.q_proj.weight[h * D + PAIR] = 0.0
+                a.q_proj.weight[h * D + PAIR + D // 2] = 0.0
+                a.q_proj.weight[h * D + PAIR, 1] = 3.0
+            for g in range(hf.config.num_key_value_heads):
+                a.k_proj.weight[g * D + PAIR] = 0.0
+                a.k_proj.weight[g * D + PAIR + D // 2] = 0.0
+                a.k_proj.weight[g * D + PAIR, 0] = 3.0
+            a.o_proj.weight[:2] = 0.0  # dims 0 and 1 of the residual stream stay the embedding's
+            layer.mlp.down_proj.weight[:2] = 0.0
+    hf.eval()
+    runner = PagedLlama(hf)
+    stats = calibrate(runner, torch.randint(5, 49000, (256,), generator=torch.Generator().manual_seed(1)))
+    return Planted(runner, hf, stats)
+
+
+def _engine(planted: Planted, **kwargs) -> Engine:
+    kwargs.setdefault("num_blocks", 128)
+    return Engine(planted.runner, None, stats=planted.stats, prefill_chunk=64, compaction_interval=32, eos_token_ids=[], **kwargs)
+
+
+def _prompt(n: int, plant_at: int) -> list[int]:
+    ids = torch.randint(5, 49000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    ids = [t if t != PLANT else 5 for t in ids]
+    ids[plant_at] = PLANT
+    return ids
+
+
+def _run_until(engine: Engine, rid: str, tokens: int) -> None:
+    done = 0
+    while done < tokens:
+        done += sum(len(o.new_token_ids) for o in engine.step() if o.request_id == rid)
+
+
+def _planted_survives(engine: Engine, rid: str) -> bool:
+    """Every KV head of every layer still holds the planted token's key (the only one big on the slow pair)."""
+    for layer in range(len(engine.cache.k)):
+        keys, _ = engine.cache.gather(layer, rid)  # (L, Hkv, D)
+        marker = keys[..., PAIR].abs() + keys[..., PAIR + keys.shape[-1] // 2].abs()  # (L, Hkv)
+        if not bool((marker.max(0).values > 10).all()):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "triattention", "heads", "h2o:layer", "snapkv:layer", "triattention:head"])
+def test_every_policy_keeps_the_planted_high_attention_token_through_prefill_and_decode_passes(planted, policy):
+    engine = _engine(planted, head_ranking=[(1, 0), (0, 1)], whole_heads=1)
+    budget = 160  # the heads policy spends 96 of it on one KV head's whole K/V
+    rid = engine.add_request(_prompt(300, 150), SamplingParams(max_tokens=80, temperature=0, ignore_eos=True, kv_budget=budget, kv_policy=policy))
+    _run_until(engine, rid, 70)  # the prompt is compacted, then two decode-time passes
+    [r] = engine.running
+    assert r.stats.compactions >= 2 and engine.cache.length(rid) <= budget + 32
+    assert _planted_survives(engine, rid)
+
+
+def test_recent_is_the_floor_it_keeps_only_the_sinks_and_the_newest_tokens(planted):
+    engine = _engine(planted)
+    rid = engine.add_request(_prompt(300, 150), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, kv_budget=96, kv_policy="recent"))
+    _run_until(engine, rid, 1)
+    assert not _planted_survives(engine, rid)
+    keys, _ = engine.cache.gather(0, rid)
+    with torch.inference_mode():
+        full = planted.runner.new_cache(32)
+        full.add("s")
+        planted.runner.prefill(full, "s", torch.tensor(_prompt(300, 150)), 0)
+    expected, _ = full.gather(0, "s")
+    kept = torch.cat([expected[:4], expected[-(96 - 4) :]])
+    torch.testing.assert_close(keys, kept)
+
+
+def test_the_heads_policy_gives_whole_heads_their_whole_history_exactly(planted, tiny):
+    """With every KV head kept whole, compaction of the blocks changes no token of a greedy continuation."""
+    heads = [(layer, g) for layer in range(2) for g in range(2)]
+    engine = Engine(tiny.runner, None, stats=tiny.stats, num_blocks=256, prefill_chunk=64, compaction_interval=32, eos_token_ids=[],
+                    head_ranking=heads, whole_heads=len(heads))
+    prompt = torch.randint(5, 49000, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    [plain] = engine.generate([prompt], params)
+    whole_tokens = engine.cache.whole_blocks_needed([[0, 1], [0, 1]], 260) * BLOCK_SIZE
+    [compacted] = engine.generate([prompt], SamplingParams(**{**vars(params), "kv_budget": whole_tokens + 40, "kv_policy": "heads"}))
+    [stats] = [s for s in engine.finished_stats.values() if s.policy == "heads"]
+    assert stats.compactions >= 2 and stats.blocks_freed > 0
+    assert compacted == plain
+    engine.cache.assert_invariants()
+    assert engine.cache.pool.num_free == engine.cache.pool.num_blocks
+
+
+def test_h2o_scores_accumulate_across_passes_instead_of_restarting(planted):
+    cache = planted.runner.new_cache(32)
+    cache.add("s")
+    policy = H2O(sinks=4, recent=8, scale=planted.runner.scale, inv_freq=planted.runner.inv_freq)
+    state = policy.new_state(2)
+    ids = torch.tensor(_prompt(100, 50))
+    queries: list = [None, None]
+    planted.runner.prefill(cache, "s", ids[:64], 0, query_hook=queries.__setitem__)
+    policy.observe(state, cache, "s", queries, torch.arange(64), prompt_read=False)
+    planted.runner.prefill(cache, "s", ids[64:], 64, query_hook=queries.__setitem__)
+    policy.observe(state, cache, "s", queries, torch.arange(64, 100), prompt_read=False)
+    before = state.scores[0].clone()  # (Hkv, 100): mass from both chunks
+    keep = policy.plan(state, cache, "s", 100, budget=40)
+    cache.compact("s", keep)
+    carried = [before[h, k] for h, k in enumerate(keep[0])]
+    planted.runner.decode(cache, ["s"], torch.tensor([5]), torch.tensor([100]), query_hook=queries.__setitem__)
+    policy.observe(state, cache, "s", [q[0:1] for q in queries], torch.tensor([100]), prompt_read=True)
+    after = state.scores[0]  # (Hkv, 41)
+    rep = planted.runner.num_heads // planted.runner.num_kv_heads
+    for h in range(after.shape[0]):
+        added = after[h, :40] - carried[h]
+        assert bool((added >= -1e-6).all())
+        # The new pass adds exactly one query's attention per query head to what earlier passes left.
+        assert float(added.sum() + after[h, 40]) == pytest.approx(rep, rel=1e-4)
+        assert float(carried[h].sum()) > 10 * rep
+    assert float(before[0, 50]) == pytest.approx(float(before[0].max()))  # the planted token drew the most
+
+
+def test_triattention_scores_are_a_running_sum_over_passes(planted):
+    cache = planted.runner.new_cache(32)
+    cache.add("s")
+    policy = TriAttention(stats=planted.stats, sinks=4, recent=8)
+    state = policy.new_state(2)
+    planted.runner.prefill(cache, "s", torch.tensor(_prompt(100, 50)), 0)
+    first = policy.layer_scores(state, cache, "s", 0, 100).clone()
+    second = policy.layer_scores(state, cache, "s", 0, 100)
+    torch.testing.assert_close(second, 2 * first)
+
+
+def test_a_prompt_end_policy_peaks_at_the_prompt_and_steadies_at_the_budget_while_a_streaming_one_never_peaks(planted):
+    engine = _engine(planted, num_blocks=256)
+    prompt = _prompt(400, 200)
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True, kv_budget=96)
+    engine.generate([prompt, prompt], [SamplingParams(**{**vars(params), "kv_policy": "snapkv"}), SamplingParams(**{**vars(params), "kv_policy": "h2o"})])
+    snap, h2o = engine.finished_stats.values()
+    assert snap.peak_blocks == math.ceil(400 / BLOCK_SIZE)
+    assert snap.steady_blocks <= math.ceil((96 + 32 + 1) / BLOCK_SIZE)
+    assert h2o.peak_blocks <= math.ceil((96 + 64) / BLOCK_SIZE) + 1
+    assert h2o.steady_blocks <= math.ceil((96 + 32 + 1) / BLOCK_SIZE)
+
+
+def test_a_prompt_end_policy_hands_back_its_prompt_peak_so_a_waiting_request_is_admitted(planted):
+    prompt = _prompt(400, 200)
+    need = math.ceil(400 / BLOCK_SIZE) + 2
+    engine = _engine(planted, num_blocks=need + 12)  # one prompt peak, or one peak plus one steady request
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True, kv_budget=64, kv_policy="snapkv")
+    first = engine.add_request(prompt, params)
+    second = engine.add_request(prompt, params)
+    _run_until(engine, first, 5)
+    assert {r.id for r in engine.running} == {first, second}  # the first now holds its steady share only
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (SamplingParams(kv_budget=20, kv_policy="h2o"), "kv_budget"),
+        (SamplingParams(kv_budget=64, kv_policy="lru"), "kv_policy"),
+        (SamplingParams(kv_budget=64, kv_policy="snapkv:row"), "kv_policy"),
+        (SamplingParams(kv_budget=40, kv_policy="heads"), "kv_budget"),
+        (SamplingParams(kv_budget=64, kv_document_tokens=999), "kv_document_tokens"),
+    ],
+)
+def test_an_unknown_policy_or_a_budget_that_cannot_hold_sinks_and_window_is_refused_naming_the_field(planted, params, field):
+    engine = _engine(planted, head_ranking=[(0, 0), (1, 1)], whole_heads=2)
+    with pytest.raises(RequestRejected) as info:
+        engine.add_request(_prompt(300, 10), params)
+    assert info.value.param == field
