@@ -189,6 +189,23 @@ def concurrency(engine_factory, tok, filler: Filler, policies: list[str | None],
     return rows
 
 
+def admission(engine, policies: list[str | None], length: int, pool: int, max_tokens: int = 64) -> list[dict]:
+    """The engine's own admission arithmetic for one fixed pool: blocks a ``length``-token request reserves
+    while its prompt is read (peak) and once it decodes (steady), and how many fit at once. Nothing runs."""
+    rows = []
+    for policy in policies:
+        budget = None if policy is None else length // 8
+        rid = engine.add_request(list(range(5, 5 + length)), SamplingParams(max_tokens=max_tokens, temperature=0, kv_budget=budget, kv_policy=policy))
+        r = next(r for r in engine.waiting if r.id == rid)
+        peak, steady = r.need_blocks, r.steady_need if budget is not None else r.need_blocks
+        engine.waiting.remove(r)
+        # Prompt-end policies: one request at its peak while reading, the others at their steady share.
+        at_once = pool // peak if peak == steady else 1 + (pool - peak) // steady if pool >= peak else 0
+        rows.append({"policy": policy or "full", "pool_blocks": pool, "length": length, "budget_tokens": budget,
+                     "blocks_peak": peak, "blocks_steady": steady, "requests_at_once": at_once})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--filler", required=True, help="the PEP corpus (JSON lines with split and text); held-out rows are the filler")
@@ -204,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
     parser.add_argument("--concurrency-pool", type=int, default=600, help="blocks in that pool")
     parser.add_argument("--concurrency-policies", nargs="+", default=["heads", "h2o"])
+    parser.add_argument("--admission", action="store_true", help="also report how many 4k-token requests the engine admits into --concurrency-pool blocks (no run)")
     parser.add_argument("--out", default=str(RESULTS / "kv_compaction.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -240,10 +258,17 @@ def main(argv: list[str] | None = None) -> int:
         "auto": engine.auto_policy, "samples": args.samples,
     }
     cells: list[dict] = []
+    extra: dict = {}
 
-    def save(extra: dict | None = None) -> None:
+    def save(more: dict | None = None) -> None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({**meta, **(extra or {}), "cells": cells}, indent=1))
+        out_path.write_text(json.dumps({**meta, **extra, **(more or {}), "cells": cells}, indent=1))
+
+    if args.admission:
+        extra["admission"] = admission(engine, [None, *args.concurrency_policies, "snapkv", "recent", "triattention"], 4096, args.concurrency_pool)
+        for row in extra["admission"]:
+            print(f"admission {row}", file=sys.stderr, flush=True)
+        save()
 
     for length in args.lengths:
         for task in args.tasks:
@@ -268,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
                         print(_line(cells[-1]), file=sys.stderr, flush=True)
                         save()
     save()
-    extra = {}
     if args.concurrency:
         extra["concurrency"] = concurrency(make_engine, tok, filler, [None, *args.concurrency_policies], args.concurrency, 4096, args.concurrency_pool)
         save(extra)
