@@ -125,3 +125,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(backend):
         time.sleep(0.1)
     assert pool.num_used == 0
     assert not engine.running
+
+
+def test_a_compacted_request_reports_its_policy_and_its_peak_and_steady_kv_in_the_usage(backend):
+    client, engine = backend
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 300, "max_tokens": 8, "temperature": 0,
+                                                "kv_budget": 64, "kv_policy": "snapkv"}).json()
+    kv = body["usage"]["kv"]
+    assert kv["policy"] == "snapkv" and kv["blocks_freed"] > 0 and kv["compactions"] >= 1
+    per_block = engine.cache.bytes_per_block
+    assert kv["bytes_peak"] >= 300 // 16 * per_block  # a prompt-end policy holds the whole prompt first
+    assert kv["bytes_steady"] <= (64 + 64 + 128) // 16 * per_block + per_block
+    plain = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).json()
+    assert "kv" not in plain["usage"]  # no budget, no compaction to report
