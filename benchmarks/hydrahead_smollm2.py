@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny budgets and short prompts: a smoke run")
+    parser.add_argument("--table", action="store_true", help="print the table of an earlier run's --out file and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())["rows"]))
+        return 0
     if args.quick:
         args.stage1_tokens, args.stage2_tokens, args.seq_len, args.batch = 1024, 1024, 256, 2
         args.samples, args.lengths, args.ppl_tokens, args.random_seeds, args.decode_batches = 2, [512], 1024, [0], [1]
@@ -154,8 +158,25 @@ def main(argv: list[str] | None = None) -> int:
         record({"variant": variant, "selection_seed": seed, "fa_groups": sum(len(g) for g in fa), "fa_heads": fa,
                 "tokens": report["tokens"]["stage1"] + report["tokens"]["stage2"], "tokens_by_stage": report["tokens"],
                 "losses": report["losses"], "convert_s": report["wall_s"], **measured})
+    print(table(rows))
     log(f"wrote {out}")
     return 0
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table, one line per variant and selection seed."""
+    lengths = sorted({int(n) for r in rows for n in r["passkey"]})
+    head = ["variant", "seed", "FA groups", "tokens (stage 1 + 2)", "held-out ppl"] + [f"pass key {n}" for n in lengths]
+    head += ["KV bytes/token", "state bytes", "decode tok/s b1", "decode tok/s b8"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        tokens = r.get("tokens_by_stage") or {"stage1": 0, "stage2": 0}
+        cells = [r["variant"], "" if r["selection_seed"] is None else str(r["selection_seed"]), str(r["fa_groups"]),
+                 f"{tokens['stage1']} + {tokens['stage2']}", f"{r['heldout_ppl']:.2f}"]
+        cells += [f"{r['passkey'][str(n)]:.2f}" if str(n) in r["passkey"] else "" for n in lengths]
+        cells += [str(r["kv_bytes_per_token"]), str(r["state_bytes"])] + [str(r["decode_tok_s"].get(b, "")) for b in ("1", "8")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _progress():
