@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--heads-file", default=str(RESULTS / "kv_heads_smollm2.json"), help="head ranking of the heads policy (computed if missing)")
+    parser.add_argument("--calibration-tokens", type=int, default=4096, help="train-split prose the triattention statistics are calibrated on")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     src = resolve("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file, local_files_only=True)
     # Calibration reads real text (the train split, never the held-out filler), not one paragraph.
-    calibration = " ".join(Filler(prose_paragraphs(args.filler, "train"), tok).take(random.Random(99), 4096))
+    calibration = " ".join(Filler(prose_paragraphs(args.filler, "train"), tok).take(random.Random(99), args.calibration_tokens))
 
     def make_engine(blocks: int):
         return create_engine("smollm2-135m", num_blocks=blocks, max_batch=8, prefill_chunk=args.chunk, heads_file=args.heads_file,
