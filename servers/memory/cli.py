@@ -45,6 +45,24 @@ def _import(args: argparse.Namespace) -> int:
     return _run(args, action)
 
 
+def _import_turns(args: argparse.Namespace) -> int:
+    from hydrabrain.servers.memory.io import import_turns
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"hydrabrain memory: {path} is not a file", file=sys.stderr)
+        return 2
+
+    def action(service) -> int:  # noqa: ANN001
+        with path.open(encoding="utf-8") as fh:
+            result = import_turns(service, args.user, fh, team=args.team)
+        rate = result.turns / max(result.seconds, 1e-9)
+        print(f"imported {result.turns} turns in {len(result.session_ids)} sessions ({rate:.0f} turns/s)")
+        return 0
+
+    return _run(args, action)
+
+
 def _export(args: argparse.Namespace) -> int:
     from hydrabrain.servers.memory.io import export_jsonl
 
@@ -92,6 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--user", required=True, help="whose memory receives it")
     imp.add_argument("--team", help="team the records also belong to")
     imp.set_defaults(func=_import)
+
+    turns = sub.add_parser("import-turns", help="import conversations: JSONL, one session per line with its turns")
+    turns.add_argument("file", help='JSONL: {"session": name, "turns": [{"speaker", "text", "at"?}, ...]} per line')
+    turns.add_argument("--user", required=True, help="whose memory receives it")
+    turns.add_argument("--team", help="team the records also belong to")
+    turns.set_defaults(func=_import_turns)
 
     exp = sub.add_parser("export", help="export a user's knowledge graph as reference-server JSONL")
     exp.add_argument("--user", required=True)

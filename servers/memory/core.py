@@ -25,11 +25,12 @@ from hydrabrain.servers.memory.episodes import KINDS, Episode, EpisodeLog, Lesso
 from hydrabrain.servers.memory.facts import Fact, FactFormatError, FactGraph, FactInput, entity_id, key, parse_facts
 from hydrabrain.servers.memory.recall import RankingWeights, entity_mentions, recency, support, term_weights, weighted_coverage
 from hydrabrain.servers.memory.timeutil import TimeFormatError, now, parse_time, to_iso
+from hydrabrain.servers.memory.turns import MAX_SPEAKER_CHARS, MAX_TURNS_PER_CALL, TurnInput, content_terms, indexed_text, names_in, resolve_dates
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.embeddings import Embedder, get_embedder
 from hydrabrain.shared.graph import open_graph_store
 from hydrabrain.shared.lexical import open_lexical_index
-from hydrabrain.shared.retrieval import HybridRetriever, RetrievalWeights
+from hydrabrain.shared.retrieval import HybridRetriever, RetrievalHit, RetrievalWeights
 from hydrabrain.shared.telemetry import get_logger, log_event
 from hydrabrain.shared.vectors import open_vector_store
 
@@ -39,6 +40,22 @@ LESSON_ITEM = "lesson"
 ITEM_KINDS = (*KINDS, FACT_ITEM, LESSON_ITEM)
 _NAME = re.compile(r"^[\w.@:+-]{1,128}$")
 MAX_FACTS_PER_CALL = 50
+
+
+@dataclass(frozen=True)
+class ConversationWeights:
+    speaker: float = 0.004  # the question names who said it
+    next_turn: float = 0.3  # share of a turn's score lent to the turn after it (often its answer)
+    previous_turn: float = 0.2  # and to the turn before it (often the question it answers)
+    dated: float = 0.002  # "When ...?" questions: a turn that says when
+    context_seeds: int = 20
+
+
+def _matches_where(e: Episode, where: dict[str, Any]) -> bool:
+    kinds = where.get("kind")
+    if kinds is not None and e.kind not in (kinds if isinstance(kinds, list) else [kinds]):
+        return False
+    return all(getattr(e, "session_id") == v for f, v in where.items() if f == "session_id")
 
 
 class MemoryInputError(ValueError):
@@ -61,6 +78,18 @@ class RecallItem:
     source_memory_ids: list[str] = field(default_factory=list)
     fact: dict[str, Any] | None = None
     signals: dict[str, float] = field(default_factory=dict)
+    speaker: str | None = None
+    dates: list[str] = field(default_factory=list)  # relative dates in a turn, resolved ("yesterday" -> "7 May 2023")
+    superseded_by: str | None = None  # memory_id stating what is true now, when all of this episode's facts were superseded
+    current: list[str] = field(default_factory=list)  # the current value(s) that superseded it
+
+
+@dataclass
+class TurnsResult:
+    session_id: str
+    memory_ids: list[str]
+    dates_resolved: int
+    names_linked: int
 
 
 @dataclass
@@ -117,9 +146,11 @@ class MemoryService:
         self.embedder = embedder or get_embedder(settings)
         self.log = EpisodeLog(settings.data_dir("memory") / "episodes.sqlite")
         self.vectors = open_vector_store(settings, "memory", dim=self.embedder.dim, indexed=("user", "kind", "session_id"))
-        self.lexical = open_lexical_index(settings, "memory")
+        # BM25 statistics per user: another user's writes never reorder this user's results.
+        self.lexical = open_lexical_index(settings, "memory", scope_field="user")
         self.graph = FactGraph(open_graph_store(settings, "memory"))
         self.weights = RankingWeights()
+        self.conversation = ConversationWeights()
         self._user_for_neighbours: str | None = None
         self.retriever = HybridRetriever(self.embedder, self.vectors, self.lexical, neighbours=self._neighbours, weights=RetrievalWeights(graph=0.3))
         self._lock = threading.RLock()
@@ -255,6 +286,67 @@ class MemoryService:
             self.retriever.index([(e.id, e.text, self._payload(session, e.kind, e.at)) for e in episodes], vectors=vectors)
         return ids
 
+    def parse_turns(self, turns: object) -> list[TurnInput]:
+        """Every turn checked before any is stored; the message names the first bad one."""
+        if not isinstance(turns, (list, tuple)) or not turns:
+            raise MemoryInputError("turns must be a non-empty list of {speaker, text, at?} objects")
+        if len(turns) > MAX_TURNS_PER_CALL:
+            raise MemoryInputError(f"{len(turns)} turns in one call; the limit is {MAX_TURNS_PER_CALL}: send the conversation in parts")
+        parsed: list[TurnInput] = []
+        for n, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise MemoryInputError(f"turns[{n}] must be an object with speaker and text; got {type(turn).__name__}")
+            unknown = set(turn) - {"speaker", "text", "at"}
+            if unknown:
+                raise MemoryInputError(f"turns[{n}] has unknown fields {sorted(unknown)}; a turn is {{speaker, text, at?}}")
+            speaker, text = turn.get("speaker"), turn.get("text")
+            if not isinstance(speaker, str) or not speaker.strip() or len(speaker) > MAX_SPEAKER_CHARS:
+                raise MemoryInputError(f"turns[{n}].speaker must be a name of 1-{MAX_SPEAKER_CHARS} characters; got {speaker!r}")
+            if not isinstance(text, str) or not text.strip():
+                raise MemoryInputError(f"turns[{n}].text is empty; send what the speaker said")
+            if len(text) > self.cfg.max_text_chars:
+                raise MemoryInputError(f"turns[{n}].text is {len(text)} characters; the limit is {self.cfg.max_text_chars} (memory.max_text_chars)")
+            parsed.append(TurnInput(speaker.strip(), text.strip(), check_time(turn.get("at"), f"turns[{n}].at")))
+        return parsed
+
+    def remember_turns(self, session_id: str, turns: object) -> TurnsResult:
+        """Store a conversation's turns in order, in one batch: one embedding pass, one write per store."""
+        session = self.session(session_id)
+        if session.ended_at is not None:
+            raise MemoryInputError(f"session {session_id} has ended; start a new session to remember more")
+        parsed = self.parse_turns(turns)
+        recorded = now()
+        speakers = frozenset(t.speaker.casefold() for t in parsed)
+        rows = []
+        last_at = recorded
+        for turn in parsed:
+            at_ts = turn.at if turn.at is not None else last_at  # a turn without a time is said when the one before it was
+            last_at = at_ts
+            dates = resolve_dates(turn.text, at_ts)
+            rows.append((turn, at_ts, dates, names_in(turn.text, speakers)))
+        texts = [indexed_text(t.speaker, t.text, d) for t, _, d, _ in rows]
+        vectors = self.embedder.embed(texts)
+        ids = [f"mem_{uuid.uuid4().hex[:16]}" for _ in rows]
+        with self._lock:
+            first = self.log.next_turn(session.id)
+            episodes = [
+                Episode(i, session.user, session.team, session.id, "turn", t.text, at_ts, recorded, [], names, t.speaker, first + n,
+                        [{"phrase": d.phrase, "label": d.label, "start": d.start} for d in dates])
+                for n, (i, (t, at_ts, dates, names)) in enumerate(zip(ids, rows, strict=True))
+            ]
+            try:
+                self.log.add_episodes(episodes)
+                self.graph.add_episodes(session.user, [(e.id, e.entities) for e in episodes if e.entities])
+                self.retriever.index(
+                    [(e.id, text, {**self._payload(session, "turn", e.at), "speaker": e.speaker, "turn": e.turn}) for e, text in zip(episodes, texts, strict=True)],
+                    vectors=vectors,
+                )
+            except Exception:
+                self._erase(ids, session.user)
+                raise
+        log_event(log, "remembered turns", user=session.user, session_id=session.id, turns=len(ids))
+        return TurnsResult(session.id, ids, sum(len(r[2]) for r in rows), sum(len(r[3]) for r in rows))
+
     # --- recall -----------------------------------------------------------------------------
 
     def recall(
@@ -266,6 +358,21 @@ class MemoryService:
         kinds: Sequence[str] | None = None,
         session_id: str | None = None,
     ) -> list[RecallItem]:
+        items, best_support = self.recall_with_support(query, user, k, as_of, kinds, session_id)
+        if best_support < self.weights.answer_threshold:
+            return []  # nothing remembered is about this: say so rather than pad the list
+        return items
+
+    def recall_with_support(
+        self,
+        query: str,
+        user: str,
+        k: int = 8,
+        as_of: str | float | None = None,
+        kinds: Sequence[str] | None = None,
+        session_id: str | None = None,
+    ) -> tuple[list[RecallItem], float]:
+        """Recall without abstaining, and how strongly the best candidate suggests memory holds an answer."""
         check_user(user)
         if not isinstance(query, str) or not query.strip():
             raise MemoryInputError("query is empty; describe what you want to remember")
@@ -287,9 +394,62 @@ class MemoryService:
                 hits = self.retriever.search(query, k=max(40, 5 * k), where=where, fetch_k=max(60, 8 * k))
             finally:
                 self._user_for_neighbours = None
-            return self._rank(query, user, hits, as_of_ts, k)
+            if any(h.payload.get("kind") == "turn" for h in hits):
+                hits = self._in_conversation(query, user, hits, where)
+            return self._rank(query, user, hits, as_of_ts, k, allow_facts=not kinds or "fact" in kinds)
 
-    def _rank(self, query: str, user: str, hits: list, as_of_ts: float | None, k: int) -> list[RecallItem]:
+    def _in_conversation(self, query: str, user: str, hits: list[RetrievalHit], where: dict[str, Any]) -> list[RetrievalHit]:
+        """Rerank turns with what a conversation carries: the speaker asked about, the turns around a hit, dates."""
+        w = self.conversation
+        named = {s.casefold() for s in self.log.speakers(user)} & {t.casefold() for t in re.findall(r"[\w'-]+", query)}
+        asks_when = bool(re.match(r"\s*(when|how long ago|what (day|date|month|year))\b", query, re.IGNORECASE))
+        by_id = {h.id: h for h in hits}
+        for hit in hits:
+            if hit.payload.get("kind") != "turn":
+                continue
+            if named and str(hit.payload.get("speaker", "")).casefold() in named:
+                hit.score += w.speaker
+                hit.signals["speaker"] = w.speaker
+        # A turn often answers the one before it: each strong turn lends part of its score to its neighbours.
+        seeds = [h for h in sorted(hits, key=lambda h: h.score, reverse=True)[: w.context_seeds] if h.payload.get("kind") == "turn"]
+        places = {(str(h.payload.get("session_id")), int(h.payload.get("turn", -10)) + d): (h, d) for d in (1, -1) for h in seeds}
+        lent: dict[str, float] = {}
+        neighbours = {e.id: e for e in self.log.turns_at(list(places))}
+        for e in neighbours.values():
+            source, d = places[(e.session_id, e.turn or 0)]
+            share = (w.next_turn if d == 1 else w.previous_turn) * source.score
+            lent[e.id] = max(lent.get(e.id, 0.0), share)
+        for memory_id, share in lent.items():
+            hit = by_id.get(memory_id)
+            if hit is None:
+                e = neighbours[memory_id]
+                if not _matches_where(e, where):
+                    continue
+                hit = RetrievalHit(e.id, 0.0, indexed_text(e.speaker or "", e.text, []), {**self._payload_of(e), "text": e.text}, {})
+                if named and (e.speaker or "").casefold() in named:
+                    hit.score += w.speaker
+                hits.append(hit)
+                by_id[e.id] = hit
+            hit.score += share
+            hit.signals["context"] = round(share, 5)
+        if asks_when:
+            dated = {e.id for e in self.log.episodes(user=user, ids=[h.id for h in hits if h.payload.get("kind") == "turn"]) if e.dates}
+            for hit in hits:
+                if hit.id in dated:
+                    hit.score += w.dated
+                    hit.signals["dated"] = w.dated
+        hits.sort(key=lambda h: h.score, reverse=True)
+        return hits
+
+    def _payload_of(self, e: Episode) -> dict[str, Any]:
+        payload: dict[str, Any] = {"user": e.user, "kind": e.kind, "session_id": e.session_id, "at": e.at}
+        if e.team:
+            payload["team"] = e.team
+        if e.kind == "turn":
+            payload.update(speaker=e.speaker, turn=e.turn)
+        return payload
+
+    def _rank(self, query: str, user: str, hits: list, as_of_ts: float | None, k: int, allow_facts: bool = True) -> tuple[list[RecallItem], float]:
         w = self.weights
         ref = as_of_ts if as_of_ts is not None else now()
         episode_ids = [h.id for h in hits if h.id.startswith("mem_")]
@@ -301,6 +461,7 @@ class MemoryService:
         named = entity_mentions(query, [n for _, n, _ in self.graph.entities(user)]) if fact_ids else set()
         idf = term_weights(self.lexical, query, user, max(1, self.log.count(user)))
         items: list[RecallItem] = []
+        superseded: list[tuple[RecallItem, list[Fact]]] = []
         best_support = 0.0
         for hit in hits:
             score = hit.score
@@ -334,16 +495,51 @@ class MemoryService:
                 if episode is None:
                     continue
                 own = [facts[f] for f in episode.fact_ids if f in facts]
+                newer: list[Fact] = []
                 if own and not any(f.valid_at(ref) for f in own):
                     score *= w.stale
                     signals["stale"] = 1.0
+                    newer = self._superseding(user, own, ref)
                 score += w.recency * recency(ref - episode.at, self.cfg.recency_half_life_days)
-                items.append(RecallItem("episode", episode.id, episode.text, score, episode.kind, to_iso(episode.at), episode.session_id, [episode.id], None, signals))
+                item = RecallItem("episode", episode.id, episode.text, score, episode.kind, to_iso(episode.at), episode.session_id, [episode.id], None, signals,
+                                  episode.speaker, [d["label"] for d in episode.dates])
+                if signals.get("stale"):
+                    item.superseded_by = next((f.source for f in sorted(newer, key=lambda f: -f.valid_from) if f.source), None)
+                    item.current = [f.text for f in newer]
+                    superseded.append((item, newer))
+                items.append(item)
             best_support = max(best_support, support(cosine, cover, w))
-        if best_support < w.answer_threshold:
-            return []  # nothing remembered is about this: say so rather than pad the list
+        self._below_current(items, superseded, allow_facts)
         items.sort(key=lambda item: item.score, reverse=True)
-        return items[:k]
+        return items[:k], best_support
+
+    def _superseding(self, user: str, old: Sequence[Fact], ref: float) -> list[Fact]:
+        """The facts true at `ref` for the subjects and predicates of these superseded ones."""
+        wanted = {(key(f.subject), key(f.predicate)) for f in old}
+        return [f for f in self.graph.facts(user, as_of=ref) if (key(f.subject), key(f.predicate)) in wanted]
+
+    def _below_current(self, items: list[RecallItem], superseded: list[tuple[RecallItem, list[Fact]]], allow_facts: bool) -> None:
+        """A superseded episode ranks below the evidence of what is true now; that evidence joins the list if missing."""
+        if not superseded:
+            return
+        present = {i.id: i for i in items}
+        for item, newer in superseded:
+            evidence: list[RecallItem] = []
+            for fact in newer:
+                current = present.get(fact.id)
+                if current is None and allow_facts:
+                    current = RecallItem("fact", fact.id, fact.text, item.score, "fact", to_iso(fact.valid_from), None,
+                                         [fact.source] if fact.source else [], fact.as_dict(), {"supersedes": 1.0})
+                    items.append(current)
+                    present[fact.id] = current
+                if current is not None:
+                    evidence.append(current)
+                if fact.source and fact.source in present:
+                    evidence.append(present[fact.source])
+            if evidence:
+                floor = min(e.score for e in evidence)
+                if item.score >= floor:
+                    item.score = floor - 1e-6
 
     def naive_recall(self, query: str, user: str, k: int = 5) -> list[RecallItem]:
         """Dense top-k over raw episode text: the anchor recall is measured against."""
@@ -435,7 +631,7 @@ class MemoryService:
         sections = [
             ("Lessons (skip the dead ends)", [f"- {h.text} [evidence: {len(h.source_memory_ids)} episodes]" for h in lesson_hits]),
             ("Current facts", [f"- {h.fact['subject']} {h.fact['predicate']} {h.fact['object']} (since {h.fact['valid_from'][:10]})" for h in fact_hits if h.fact]),
-            ("Preferences", [f"- {e.text}" for e in preferences]),
+            ("Preferences", [self._preference_line(user, e) for e in preferences]),
         ]
         count = self.embedder.count_tokens
         header = f"Before you start: {task.strip()}"
@@ -466,6 +662,14 @@ class MemoryService:
                 text = header
         tokens = count(text)
         return Briefing(text, tokens, token_budget, included[sections[0][0]], included[sections[1][0]], included[sections[2][0]], omitted)
+
+    def _preference_line(self, user: str, episode: Episode) -> str:
+        own = list(self.graph.get(user, episode.fact_ids).values()) if episode.fact_ids else []
+        if own and not any(f.current for f in own):
+            newer = self._superseding(user, own, now())
+            if newer:
+                return f"- {episode.text} (superseded; now: {'; '.join(f.text for f in newer)})"
+        return f"- {episode.text}"
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from hydrabrain.servers.memory.timeutil import from_ts, to_iso
 
-KINDS = ("observation", "attempt", "outcome", "fact", "preference")
+KINDS = ("observation", "attempt", "outcome", "fact", "preference", "turn")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,14 @@ class Episode:
     recorded_at: float  # when the server learned it (transaction time)
     fact_ids: list[str] = field(default_factory=list)
     entities: list[str] = field(default_factory=list)
+    speaker: str | None = None  # turns: who said it
+    turn: int | None = None  # turns: position in its session, from 0
+    dates: list[dict[str, Any]] = field(default_factory=list)  # turns: relative dates resolved against `at`
 
     def as_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.kind == "turn":
+            extra = {"speaker": self.speaker, "turn": self.turn, "dates": [d["label"] for d in self.dates]}
         return {
             "memory_id": self.id,
             "session_id": self.session_id,
@@ -53,6 +59,7 @@ class Episode:
             "at": to_iso(from_ts(self.at)),
             "recorded_at": to_iso(from_ts(self.recorded_at)),
             "entities": list(self.entities),
+            **extra,
         }
 
 
@@ -91,12 +98,15 @@ CREATE TABLE IF NOT EXISTS lessons (
     created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS lessons_user ON lessons(user);
 """
+# Columns added after the first release; a log written before gets them on open.
+_ADDED_COLUMNS = {"speaker": "TEXT", "turn": "INTEGER", "dates": "TEXT NOT NULL DEFAULT '[]'"}
 
 
 def _episode(row: sqlite3.Row) -> Episode:
     return Episode(
         row["id"], row["user"], row["team"], row["session_id"], row["kind"], row["text"], row["at"],
         row["recorded_at"], json.loads(row["fact_ids"]), json.loads(row["entities"]),
+        row["speaker"], row["turn"], json.loads(row["dates"]),
     )
 
 
@@ -117,6 +127,11 @@ class EpisodeLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(episodes)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE episodes ADD COLUMN {name} {decl}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS episodes_turn ON episodes(session_id, turn)")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -159,10 +174,11 @@ class EpisodeLog:
     def add_episodes(self, episodes: Sequence[Episode]) -> None:
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO episodes (id, user, team, session_id, kind, text, at, recorded_at, fact_ids, entities) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO episodes (id, user, team, session_id, kind, text, at, recorded_at, fact_ids, entities, speaker, turn, dates) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (e.id, e.user, e.team, e.session_id, e.kind, e.text, e.at, e.recorded_at, json.dumps(e.fact_ids), json.dumps(e.entities))
+                    (e.id, e.user, e.team, e.session_id, e.kind, e.text, e.at, e.recorded_at, json.dumps(e.fact_ids), json.dumps(e.entities),
+                     e.speaker, e.turn, json.dumps(e.dates))
                     for e in episodes
                 ],
             )
@@ -201,6 +217,27 @@ class EpisodeLog:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [_episode(r) for r in rows]
+
+    def turns_at(self, positions: Sequence[tuple[str, int]]) -> list[Episode]:
+        """The turns at these (session_id, position) places, where they exist."""
+        found: list[Episode] = []
+        with self._lock:
+            for start in range(0, len(positions), 200):
+                part = positions[start : start + 200]
+                clause = " OR ".join("(session_id = ? AND turn = ?)" for _ in part)
+                rows = self._db.execute(f"SELECT * FROM episodes WHERE kind = 'turn' AND ({clause})", [x for p in part for x in p]).fetchall()
+                found += [_episode(r) for r in rows]
+        return found
+
+    def next_turn(self, session_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(turn) FROM episodes WHERE session_id = ?", (session_id,)).fetchone()
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def speakers(self, user: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT speaker FROM episodes WHERE user = ? AND speaker IS NOT NULL", (user,)).fetchall()
+        return [r[0] for r in rows]
 
     def episode_ids_mentioning(self, user: str, needle: str) -> list[str]:
         """Episodes whose text contains `needle` (case-insensitive) — candidates for a privacy request."""

@@ -155,6 +155,16 @@ class FactGraph:
         for name in dict.fromkeys(entities):
             self.store.add_edge(memory_id, MENTIONS, self.ensure_entity(user, name), {"user": user})
 
+    def add_episodes(self, user: str, episodes: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Many (memory_id, entities) episodes; each entity node is looked up once."""
+        known: dict[str, str] = {}
+        for memory_id, entities in episodes:
+            self.store.upsert_node(memory_id, EPISODE, {"user": user})
+            for name in dict.fromkeys(entities):
+                if key(name) not in known:
+                    known[key(name)] = self.ensure_entity(user, name)
+                self.store.add_edge(memory_id, MENTIONS, known[key(name)], {"user": user})
+
     def assert_fact(self, user: str, fact: FactInput, at: float, recorded_at: float, source: str | None) -> tuple[Fact, bool]:
         """Store a fact; returns it and whether it is new (False: it restates what was already true at `at`)."""
         src = self.ensure_entity(user, fact.subject)

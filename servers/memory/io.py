@@ -89,6 +89,52 @@ def import_jsonl(service: MemoryService, user: str, lines: Iterable[str], team: 
     return ImportResult(session.id, len(entities), len(records), len(relations))
 
 
+@dataclass
+class TurnsImportResult:
+    session_ids: list[str]
+    turns: int
+    seconds: float
+
+
+def import_turns(service: MemoryService, user: str, lines: Iterable[str], team: str | None = None) -> TurnsImportResult:
+    """Whole conversations, one session per line: ``{"session": name?, "turns": [{speaker, text, at?}, ...]}``.
+
+    Every line is read and checked before the first is stored, so a bad file writes nothing.
+    """
+    import time
+
+    sessions: list[tuple[str | None, list]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if len(line) > 50 * MAX_LINE_CHARS:
+            raise MemoryInputError(f"line {number} is {len(line)} characters; split the session over several lines")
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MemoryInputError(f"line {number} is not JSON: {exc.msg}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("turns"), list):
+            raise MemoryInputError(f'line {number}: expected {{"session": name, "turns": [{{speaker, text, at?}}, ...]}}')
+        name = item.get("session")
+        if name is not None and not isinstance(name, str):
+            raise MemoryInputError(f"line {number}: session must be a name (a string)")
+        try:
+            service.parse_turns(item["turns"])
+        except MemoryInputError as exc:
+            raise MemoryInputError(f"line {number}: {exc}") from None
+        sessions.append((name, item["turns"]))
+    if not sessions:
+        raise MemoryInputError("no sessions in the file; write one JSON object per line with its turns")
+    started = time.perf_counter()
+    ids, count = [], 0
+    for name, turns in sessions:
+        session = service.start_session(user, task=name, team=team)
+        count += len(service.remember_turns(session.id, turns).memory_ids)
+        service.end_session(session.id)
+        ids.append(session.id)
+    return TurnsImportResult(ids, count, time.perf_counter() - started)
+
+
 def export_jsonl(service: MemoryService, user: str) -> list[str]:
     """The user's knowledge graph in the reference server's shape, one JSON object per line."""
     entities = service.graph.entities(user)

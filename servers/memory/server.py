@@ -27,12 +27,13 @@ log = get_logger("memory.server")
 
 INSTRUCTIONS = """Long-term memory for a coding agent, per user.
 Start a session for each task, remember what you observe, try and find out (with the facts you
-extracted as {subject, predicate, object}), and end the session to distil lessons. Before a task,
-call briefing; during it, recall. A new fact for the same subject and predicate supersedes the old
+extracted as {subject, predicate, object}), and end the session to distil lessons. For a
+conversation, start a session per conversation session and send its turns with remember_turns
+({speaker, text, at?} each, in order). Before a task, call briefing; during it, recall. A new fact for the same subject and predicate supersedes the old
 one, which stays queryable with as_of. forget deletes for real."""
 
 Kind = Literal["observation", "attempt", "outcome", "fact", "preference"]
-RecallKind = Literal["observation", "attempt", "outcome", "fact", "preference", "lesson"]
+RecallKind = Literal["observation", "attempt", "outcome", "fact", "preference", "turn", "lesson"]
 
 
 @dataclass
@@ -58,6 +59,19 @@ class FactOut(BaseModel):
     invalidated_at: str | None = Field(description="When the server learned it stopped being true")
     source_memory_id: str | None = Field(description="The memory that stated it")
     current: bool
+
+
+class TurnIn(BaseModel):
+    speaker: str = Field(description="Who said it, e.g. 'Ana' or 'user'")
+    text: str = Field(description="What was said, verbatim")
+    at: str | None = Field(None, description="When it was said, ISO 8601 (default: the previous turn's time, else now)")
+
+
+class RememberTurnsOut(BaseModel):
+    session_id: str
+    memory_ids: list[str] = Field(description="One per turn, in the order sent")
+    dates_resolved: int = Field(description="Relative dates ('yesterday', 'last Friday') resolved against their turn's time")
+    names_linked: int = Field(description="Name mentions linked across sessions in the graph")
 
 
 class SessionOut(BaseModel):
@@ -103,6 +117,10 @@ class RecallItemOut(BaseModel):
     session_id: str | None = None
     source_memory_ids: list[str] = Field(default_factory=list, description="Where it came from")
     fact: FactOut | None = None
+    speaker: str | None = Field(None, description="Turns: who said it")
+    dates: list[str] = Field(default_factory=list, description="Turns: relative dates in it, resolved against when it was said")
+    superseded_by: str | None = Field(None, description="Set when every fact of this episode was superseded: the memory_id that states what is true now")
+    current: list[str] = Field(default_factory=list, description="What is true now, for a superseded episode")
 
 
 class RecallOut(BaseModel):
@@ -144,7 +162,8 @@ def lesson_out(x: Lesson) -> LessonOut:
 
 def item_out(i: RecallItem) -> RecallItemOut:
     return RecallItemOut(type=i.type, id=i.id, text=i.text, score=round(i.score, 5), kind=i.kind, at=i.at, session_id=i.session_id,
-                         source_memory_ids=i.source_memory_ids, fact=FactOut(**i.fact) if i.fact else None)
+                         source_memory_ids=i.source_memory_ids, fact=FactOut(**i.fact) if i.fact else None,
+                         speaker=i.speaker, dates=i.dates, superseded_by=i.superseded_by, current=i.current)
 
 
 def consolidation_out(r: ConsolidationResult) -> ConsolidateOut:
@@ -251,6 +270,17 @@ def build_server(settings: Settings) -> MCPServer:
             extracted = bool(given)
         r = await run(st.service.remember, session_id, text, kind, given, at)
         return RememberOut(memory_id=r.memory_id, at=r.at, facts=[fact_out(f) for f in r.facts], invalidated=[fact_out(f) for f in r.invalidated], extracted=extracted)
+
+    @server.tool()
+    async def remember_turns(
+        session_id: Annotated[str, Field(description="From start_session; one session per conversation session")],
+        turns: Annotated[list[TurnIn], Field(description="The turns in the order they were said: {speaker, text, at?}")],
+        ctx: Context,
+    ) -> RememberTurnsOut:
+        """Store a conversation's turns verbatim in one call (hundreds at once); no facts needed."""
+        given = [t.model_dump(exclude_none=True) for t in turns]
+        r = await run(state(ctx).service.remember_turns, session_id, given)
+        return RememberTurnsOut(session_id=r.session_id, memory_ids=r.memory_ids, dates_resolved=r.dates_resolved, names_linked=r.names_linked)
 
     @server.tool()
     async def recall(

@@ -1,0 +1,158 @@
+"""Conversation turns as clients write them: who spoke, what was said, and when.
+
+A turn is stored as an episode of kind ``turn`` with its speaker and its position in the session,
+so recall can use what a conversation carries and a note does not:
+
+- dates said relatively ("yesterday", "last Friday", "two weeks ago") are resolved against the
+  turn's own time and indexed beside the words, so "When did ...?" questions meet them;
+- names (capitalised words that do not open a sentence) link turns across sessions in the graph;
+- the chit-chat that fills conversations ("wow, that's great!") is kept out of the lexical query,
+  so BM25 weighs the words that carry content.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from hydrabrain.shared.lexical import STOPWORDS, index_terms
+
+MAX_TURNS_PER_CALL = 2_000
+MAX_SPEAKER_CHARS = 128
+
+# Words that carry no topic in conversation: greetings, reactions, fillers, pronouns, light verbs.
+CHITCHAT = STOPWORDS | frozenset(
+    "hey hi hello bye yeah yes yep ok okay oh wow cool awesome amazing great good nice glad thanks thank "
+    "really so very just too much lot lots pretty totally definitely absolutely sure well um hmm haha lol "
+    "me my mine myself you're i'm it's that's what's i've i'd i'll you've we're they're there's let's "
+    "am been being has had having get got getting go going gone went make made do doing done did "
+    "think thought know knew feel felt see saw say said tell told thing things stuff something anything "
+    "hope love like also still even kind sort bit way time day one ones any some all every "
+    "us him them those more most other such only own same than s t can't don't didn't won't isn't ago last next".split()
+)
+
+_NUMBERS = {
+    "a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+    "nine": 9, "ten": 10, "a couple of": 2, "couple of": 2, "a few": 3, "few": 3, "several": 3,
+}
+_WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+_UNIT = r"(day|week|month|year|weekend)s?"
+_COUNT = r"(\d+|a couple of|couple of|a few|few|several|an?|one|two|three|four|five|six|seven|eight|nine|ten)"
+_RELATIVE = re.compile(
+    rf"\b(?:(yesterday|today|tonight|tomorrow|this morning|this afternoon|this evening|last night)"
+    rf"|(last|this past|past|next|this) ({'|'.join(_WEEKDAYS)}|week|weekend|month|year|summer|winter|spring|fall|autumn)"
+    rf"|{_COUNT} {_UNIT} ago)\b",
+    re.IGNORECASE,
+)
+_NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-z]{2,}(?:\s[A-Z][a-z]{2,})*)")
+_NOT_NAMES = frozenset(
+    "I The This That These Those There Then What When Where Which Who Why How And But Yes Yeah Wow Hey Thanks Thank "
+    "Oh Well Sure Great Good Nice Awesome Cool Amazing Hope Glad Sounds Love Really Just Also Have Did Was "
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May June July August "
+    "September October November December Mom Dad".split()
+)
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    speaker: str
+    text: str
+    at: float | None = None
+
+
+@dataclass
+class ResolvedDate:
+    phrase: str  # as said, e.g. "last Friday"
+    label: str  # what it resolves to, e.g. "5 May 2023" or "May 2023"
+    start: float  # epoch seconds of the day/period it names
+    terms: list[str] = field(default_factory=list)
+
+
+def _day_label(d: datetime) -> str:
+    return f"{d.day} {d.strftime('%B')} {d.year}"
+
+
+def _shift_months(d: datetime, months: int) -> datetime:
+    month = d.month - 1 + months
+    year = d.year + month // 12
+    return d.replace(year=year, month=month % 12 + 1, day=1)
+
+
+def resolve_dates(text: str, at: float) -> list[ResolvedDate]:
+    """Relative dates in `text`, resolved against the moment `at` the turn was said."""
+    base = datetime.fromtimestamp(at, tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    found: list[ResolvedDate] = []
+    for m in _RELATIVE.finditer(text):
+        phrase = m.group(0)
+        low = phrase.lower()
+        day: datetime | None = None
+        label: str | None = None
+        if m.group(1):
+            offset = {"yesterday": -1, "tomorrow": 1, "last night": -1}.get(low, 0)
+            day = base + timedelta(days=offset)
+        elif m.group(2):
+            which, unit = m.group(2).lower(), m.group(3).lower()
+            step = 1 if which == "next" else (0 if which == "this" else -1)
+            if unit in _WEEKDAYS:
+                target = _WEEKDAYS.index(unit)
+                delta = (base.weekday() - target) % 7 or 7
+                day = base - timedelta(days=delta) if step <= 0 else base + timedelta(days=(target - base.weekday()) % 7 or 7)
+            elif unit == "weekend":
+                day = base - timedelta(days=(base.weekday() - 5) % 7 or 7) if step <= 0 else base + timedelta(days=(5 - base.weekday()) % 7 or 7)
+                label = f"the weekend of {_day_label(day)}"
+            elif unit == "week":
+                day = base + timedelta(weeks=step)
+                label = f"the week of {_day_label(day - timedelta(days=day.weekday()))}"
+            elif unit == "month":
+                day = _shift_months(base, step)
+                label = f"{day.strftime('%B')} {day.year}"
+            elif unit == "year":
+                day = base.replace(year=base.year + step, month=1, day=1)
+                label = str(day.year)
+            else:  # a season: the year is what it tells
+                day = base.replace(year=base.year + (step if step else 0), month=1, day=1)
+                label = f"{unit} {day.year}"
+        else:
+            raw = m.group(4).lower()
+            count = int(raw) if raw.isdigit() else _NUMBERS.get(raw, 1)
+            unit = m.group(5).lower()
+            if unit == "day":
+                day = base - timedelta(days=count)
+            elif unit in ("week", "weekend"):
+                day = base - timedelta(weeks=count)
+                label = f"the week of {_day_label(day - timedelta(days=day.weekday()))}"
+            elif unit == "month":
+                day = _shift_months(base, -count)
+                label = f"{day.strftime('%B')} {day.year}"
+            else:
+                day = base.replace(year=base.year - count, month=1, day=1)
+                label = str(day.year)
+        if day is None:
+            continue
+        label = label or _day_label(day)
+        found.append(ResolvedDate(phrase, label, day.timestamp(), index_terms(label)))
+    return found
+
+
+def names_in(text: str, speakers: frozenset[str] = frozenset()) -> list[str]:
+    """Proper names a turn mentions (capitalised words not opening a sentence), speakers left out."""
+    names = []
+    for m in _NAME.finditer(text):
+        name = m.group(1)
+        if name.split()[0] in _NOT_NAMES:
+            name = " ".join(name.split()[1:])
+        if name and name not in _NOT_NAMES and name.casefold() not in speakers:
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def content_terms(text: str) -> list[str]:
+    """The words of a query or turn that say what it is about (stemmed, chit-chat dropped)."""
+    return index_terms(text, CHITCHAT)
+
+
+def indexed_text(speaker: str, text: str, dates: list[ResolvedDate]) -> str:
+    """What the lexical and dense channels see: the speaker, the words, and any resolved dates."""
+    suffix = "".join(f" ({d.phrase}: {d.label})" for d in dates)
+    return f"{speaker}: {text}{suffix}"
