@@ -17,9 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="serve a model at /v1/models, /v1/completions and /v1/chat/completions",
-        description="Serve a Llama-family model through the paged, compacting engine with an OpenAI-compatible HTTP API.",
+        description="Serve a Llama-family model or a converted HydraHead hybrid through the paged, compacting engine with an OpenAI-compatible HTTP API.",
     )
-    serve.add_argument("--model", default=None, help="'smollm2-135m' (the packaged SmolLM2-135M-Instruct), a checkpoint folder, or a .gguf file (default: backend.model)")
+    serve.add_argument("--model", default=None, help="'smollm2-135m' (the packaged SmolLM2-135M-Instruct), a checkpoint folder (a Llama-family model, or a HydraHead hybrid from `hydrabrain model convert`), or a .gguf file (default: backend.model)")
     serve.add_argument("--host", default=None, help="bind address (default: backend.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: backend.port, 8808)")
     serve.add_argument("--kv-budget", type=int, default=None, metavar="N", help="default per-request KV budget in tokens; compaction keeps each sequence near it (default: backend.kv_budget_tokens, unset = full cache)")
