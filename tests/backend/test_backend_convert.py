@@ -95,9 +95,13 @@ def test_an_interrupted_conversion_resumes_from_its_checkpoint(tiny, corpus, tmp
 def test_stage_one_heads_can_be_taken_from_an_all_gdn_bank(tiny, corpus, tmp_path):
     bank, _ = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "bank", small([[], []], stage2_tokens=0))
     student, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED, stage2_tokens=0, stage1_from=str(tmp_path / "bank")))
-    D = 16
-    torch.testing.assert_close(student.model.layers[0].self_attn.k_proj.weight[D:], bank.model.layers[0].self_attn.k_proj.weight[D:])
-    torch.testing.assert_close(student.model.layers[1].self_attn.A_log, bank.model.layers[1].self_attn.A_log[:1])
+    # the same input gives every GDN head the same output in the bank and in the mixed model
+    x = torch.randn(1, 20, 64)
+    with torch.no_grad():
+        for layer in range(2):
+            ours, theirs = student.model.layers[layer].self_attn, bank.model.layers[layer].self_attn
+            gdn = ours.gdn_queries
+            torch.testing.assert_close(ours.head_outputs(x, torch.arange(20), None)[:, :, gdn], theirs.head_outputs(x, torch.arange(20), None)[:, :, gdn])
     assert report["tokens"]["stage1"] == 128 and report["stage1_from"] == str(tmp_path / "bank")
 
 
