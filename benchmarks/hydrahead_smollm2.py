@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the table of an earlier run's --out file and exit")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(json.loads(Path(args.out).read_text())["rows"]))
+        print(table(json.loads(Path(args.out).read_text())["rows"]))  # rows of every command that wrote the file
         return 0
     if args.quick:
         args.stage1_tokens, args.stage2_tokens, args.seq_len, args.batch = 1024, 1024, 256, 2
