@@ -356,7 +356,7 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
 
 
-def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: StageReport, out: Path, cfg, save, progress) -> None:
+def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: StageReport, cfg, save, progress) -> None:
     steps = max(1, tokens // (cfg.batch * cfg.seq_len)) if tokens else 0
     if steps == 0 or not params:
         return
@@ -438,10 +438,10 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
     student.train()
     if not cfg.stage1_from and reports["stage1"].tokens < cfg.stage1_tokens:
         _train_stage("stage1", lambda ids: transfer_loss(teacher, student, ids), params, batches, cfg.stage1_tokens, cfg.lr,
-                     state, reports["stage1"], out, cfg, save, progress)
+                     state, reports["stage1"], cfg, save, progress)
     if reports["stage2"].tokens < cfg.stage2_tokens:
         _train_stage("stage2", lambda ids: distill_loss(teacher, student, ids), params, batches, cfg.stage2_tokens, cfg.lr_distill,
-                     state if state.get("stage") == "stage2" else {}, reports["stage2"], out, cfg, save, progress)
+                     state if state.get("stage") == "stage2" else {}, reports["stage2"], cfg, save, progress)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(True)

@@ -28,6 +28,7 @@ prompt until it has been read: their peak is the prompt, their steady state the 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 
 from hydrabrain.inference import ops
 from hydrabrain.inference.kv_cache import PagedKVCache
-from hydrabrain.inference.scoring import FUTURE_OFFSETS, QueryStats
+from hydrabrain.inference.scoring import FUTURE_OFFSETS, QueryStats, select_keep
 
 POLICY_NAMES = ("recent", "h2o", "snapkv", "triattention", "heads", "auto")
 GRANULARITIES = ("head", "layer")
@@ -95,19 +96,7 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, first_index: int, 
     return probs.sum(1).view(hkv, hq // hkv, n).sum(1)  # (Hkv, L)
 
 
-def top_keep(scores: torch.Tensor, budget: int, sinks: int, recent: int) -> list[int]:
-    """Ascending indices of ``budget`` tokens: the sinks, the recent window, then the best scores (N,)."""
-    n = int(scores.shape[0])
-    if n <= budget:
-        return list(range(n))
-    if budget < sinks + recent:
-        raise ValueError(f"a KV budget of {budget} tokens cannot hold {sinks} sink and {recent} recent tokens")
-    middle = scores[sinks : n - recent]
-    top = torch.topk(middle, budget - sinks - recent).indices + sinks
-    return sorted(torch.cat([torch.arange(min(sinks, n)), top, torch.arange(n - recent, n)]).tolist())
-
-
-class Policy:
+class Policy(ABC):
     """The interface: ``observe`` after each forward (when ``needs_queries``), ``plan`` at each pass."""
 
     name = "policy"
@@ -133,9 +122,9 @@ class Policy:
     def end_of_prompt(self, state: PolicyState, cache: PagedKVCache, seq_id: str) -> None:
         """The prompt (or the document before the questions) has been read; nothing has been compacted since."""
 
+    @abstractmethod
     def layer_scores(self, state: PolicyState, cache: PagedKVCache, seq_id: str, layer: int, next_position: int) -> torch.Tensor:
         """(Hkv, N) scores of the layer's cached tokens; higher survives."""
-        raise NotImplementedError
 
     def plan(self, state: PolicyState, cache: PagedKVCache, seq_id: str, next_position: int, budget: int) -> list:
         """The survivors of every layer (per KV head or shared), and the scores remapped to them."""
@@ -147,9 +136,9 @@ class Policy:
                 continue
             scores = self.layer_scores(state, cache, seq_id, layer, next_position)  # (Hkv, N)
             if self.granularity == "head":
-                keep = [top_keep(s, budget, self.sinks, self.recent) for s in scores]
+                keep = [select_keep(s, budget, self.sinks, self.recent) for s in scores]
             else:
-                keep = [top_keep(self._combine(scores), budget, self.sinks, self.recent)] * scores.shape[0]
+                keep = [select_keep(self._combine(scores), budget, self.sinks, self.recent)] * scores.shape[0]
             if state.scores[layer] is not None:
                 state.scores[layer] = torch.stack([state.scores[layer][h, kh] for h, kh in enumerate(keep)])
             plan.append(keep if self.granularity == "head" else keep[0])

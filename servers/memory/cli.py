@@ -28,13 +28,17 @@ def _run(args: argparse.Namespace, action) -> int:  # noqa: ANN001
         service.close()
 
 
+def _not_a_file(path: Path) -> int:
+    print(f"hydrabrain memory: {path} is not a file", file=sys.stderr)
+    return 2
+
+
 def _import(args: argparse.Namespace) -> int:
     from hydrabrain.servers.memory.io import import_jsonl
 
     path = Path(args.file)
     if not path.is_file():
-        print(f"hydrabrain memory: {path} is not a file", file=sys.stderr)
-        return 2
+        return _not_a_file(path)
 
     def action(service) -> int:  # noqa: ANN001
         with path.open(encoding="utf-8") as fh:
@@ -50,8 +54,7 @@ def _import_turns(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     if not path.is_file():
-        print(f"hydrabrain memory: {path} is not a file", file=sys.stderr)
-        return 2
+        return _not_a_file(path)
 
     def action(service) -> int:  # noqa: ANN001
         with path.open(encoding="utf-8") as fh:
