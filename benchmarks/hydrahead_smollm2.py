@@ -74,13 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--variants", nargs="+", default=["teacher", "patching", "random", "layerwise", "all-gdn"],
                         help="which to run, in this order (random runs its first seed here and the others at the end)")
-    parser.add_argument("--work", default=str(ROOT / ".bench" / "hydrahead_smollm2"), help="where converted models are kept")
-    parser.add_argument("--out", default=str(RESULTS / "hydrahead_smollm2.json"))
+    parser.add_argument("--gdn-window", type=int, default=0, metavar="N",
+                        help="GDN heads also keep softmax over --gdn-sinks sinks and the last N tokens (default 0: pure GDN)")
+    parser.add_argument("--gdn-sinks", type=int, default=4)
+    parser.add_argument("--work", default=None, help="where converted models are kept (default .bench/hydrahead_smollm2[_windowN])")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/hydrahead_smollm2[_windowN].json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny budgets and short prompts: a smoke run")
     parser.add_argument("--table", action="store_true", help="print the table of an earlier run's --out file and exit")
     args = parser.parse_args(argv)
+    suffix = f"_window{args.gdn_window}" if args.gdn_window else ""
+    args.work = args.work or str(ROOT / ".bench" / f"hydrahead_smollm2{suffix}")
+    args.out = args.out or str(RESULTS / f"hydrahead_smollm2{suffix}.json")
     if args.table:
         print(table(json.loads(Path(args.out).read_text())["rows"]))  # rows of every command that wrote the file
         return 0
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command, "device": _device(args.device), "ratio": args.ratio, "fa_groups_budget": budget,
+                   "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
                    "stage1_tokens": args.stage1_tokens, "stage2_tokens": args.stage2_tokens, "rows": rows}
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -112,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def base_cfg(fa, selection, seed=None, **kw) -> ConvertConfig:
         settings = dict(stage1_tokens=args.stage1_tokens, stage2_tokens=args.stage2_tokens, seq_len=args.seq_len,
-                        batch=args.batch, lr=args.lr, lr_distill=args.lr_distill, device=args.device)
+                        batch=args.batch, lr=args.lr, lr_distill=args.lr_distill, device=args.device,
+                        gdn_window=args.gdn_window, gdn_sinks=args.gdn_sinks)
         return ConvertConfig(fa_heads=fa, selection=selection, selection_seed=seed, **{**settings, **kw})
 
     log(f"teacher {args.teacher}: {L} layers x {G} KV groups; {budget} kept FA")
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = score(name, student, tokenizer, heldout[1::2], prompts, args)
         report["evaluation"] = measured
         (folder / "conversion.json").write_text(json.dumps(report, indent=1))
-        record({"variant": variant, "selection_seed": seed, "fa_groups": sum(len(g) for g in fa), "fa_heads": fa,
+        record({"variant": variant, "selection_seed": seed, "gdn_window": args.gdn_window, "fa_groups": sum(len(g) for g in fa), "fa_heads": fa,
                 "tokens": report["tokens"]["stage1"] + report["tokens"]["stage2"], "tokens_by_stage": report["tokens"],
                 "losses": report["losses"], "convert_s": report["wall_s"], **measured})
     print(table(rows))
@@ -166,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
 def table(rows: list[dict]) -> str:
     """A markdown table, one line per variant and selection seed."""
     lengths = sorted({int(n) for r in rows for n in r["passkey"]})
-    head = ["variant", "seed", "FA groups", "tokens (stage 1 + 2)", "held-out ppl"] + [f"pass key {n}" for n in lengths]
+    head = ["variant", "seed", "GDN window", "FA groups", "tokens (stage 1 + 2)", "held-out ppl"] + [f"pass key {n}" for n in lengths]
     head += ["KV bytes/token", "state bytes", "decode tok/s b1", "decode tok/s b8"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         tokens = r.get("tokens_by_stage") or {"stage1": 0, "stage2": 0}
-        cells = [r["variant"], "" if r["selection_seed"] is None else str(r["selection_seed"]), str(r["fa_groups"]),
+        window = "" if r["variant"] == "teacher" else str(r.get("gdn_window") or "none")
+        cells = [r["variant"], "" if r["selection_seed"] is None else str(r["selection_seed"]), window, str(r["fa_groups"]),
                  f"{tokens['stage1']} + {tokens['stage2']}", f"{r['heldout_ppl']:.2f}"]
         cells += [f"{r['passkey'][str(n)]:.2f}" if str(n) in r["passkey"] else "" for n in lengths]
         cells += [str(r["kv_bytes_per_token"]), str(r["state_bytes"])] + [str(r["decode_tok_s"].get(b, "")) for b in ("1", "8")]

@@ -264,17 +264,32 @@ def capture_attention(teacher: nn.Module) -> Iterator[tuple[list, list]]:
             h.remove()
 
 
+def _gdn_inputs(attn: HydraAttention, x: torch.Tensor):
+    """The GDN heads' q (B, T, Hg, D) and k, v (B, T, Gg, D) from a layer's attention input x (B, T, d)."""
+    B, T, _ = x.shape
+    H, D = attn.config.num_attention_heads, attn.config.head_dim
+    q = attn.q_proj(x).view(B, T, H, D)[:, :, attn.gdn_queries]
+    k = attn.k_proj(x).view(B, T, -1, D)[:, :, attn.gdn_groups]
+    v = attn.v_proj(x).view(B, T, -1, D)[:, :, attn.gdn_groups]
+    return q, k, v
+
+
 @torch.no_grad()
 def calibrate_gains(teacher: nn.Module, student: HydraHeadForCausalLM, ids: torch.Tensor) -> None:
-    """Set each GDN head's gain to its teacher head's output RMS, so fused outputs start at the right scale."""
-    with capture_attention(teacher) as (_inputs, heads):
+    """Set each GDN head's gain to the RMS of what it must produce: its teacher head's output, or with a
+    ``gdn_window`` what the window misses (teacher minus window), so fused outputs start at the right scale."""
+    with capture_attention(teacher) as (inputs, heads):
         teacher.model(ids)
-    for layer, out in zip(student.model.layers, heads, strict=True):
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    for layer, x, out in zip(student.model.layers, inputs, heads, strict=True):
         attn = layer.self_attn
         if attn.gdn_groups:
             H, D = attn.config.num_attention_heads, attn.config.head_dim
-            rms = out.reshape(-1, H, D).float().pow(2).mean(dim=(0, 2)).sqrt()  # (H,)
-            attn.head_gain[attn.gdn_queries] = rms[attn.gdn_queries].to(attn.head_gain.dtype)
+            target = out.reshape(*ids.shape, H, D)[:, :, attn.gdn_queries].float()  # (B, T, Hg, D)
+            if attn.config.gdn_window:
+                target = target - attn._window_attention(*_gdn_inputs(attn, x), positions, None).float()
+            rms = target.pow(2).mean(dim=(0, 1, 3)).sqrt()  # (Hg,)
+            attn.head_gain[attn.gdn_queries] = rms.to(attn.head_gain.dtype)
 
 
 def transfer_loss(teacher: nn.Module, student: HydraHeadForCausalLM, ids: torch.Tensor) -> torch.Tensor:
@@ -282,16 +297,15 @@ def transfer_loss(teacher: nn.Module, student: HydraHeadForCausalLM, ids: torch.
     with torch.no_grad(), capture_attention(teacher) as (inputs, heads):
         teacher.model(ids)
     B, T = ids.shape
+    positions = torch.arange(T, device=ids.device)
     losses = []
     for layer, x, target in zip(student.model.layers, inputs, heads, strict=True):
         attn = layer.self_attn
         if not attn.gdn_groups:
             continue
         H, D = attn.config.num_attention_heads, attn.config.head_dim
-        q = attn.q_proj(x).view(B, T, H, D)[:, :, attn.gdn_queries]  # (B, T, Hg, D)
-        k = attn.k_proj(x).view(B, T, -1, D)[:, :, attn.gdn_groups]  # (B, T, Gg, D)
-        v = attn.v_proj(x).view(B, T, -1, D)[:, :, attn.gdn_groups]
-        ours = attn._gated_delta(x, q, k, v, None)  # (B, T, Hg, D), after norm, gain and gate
+        # (B, T, Hg, D), after norm, gain and gate (and with the window's softmax added, when there is one)
+        ours = attn._gated_delta(x, *_gdn_inputs(attn, x), None, positions)
         theirs = target.view(B, T, H, D)[:, :, attn.gdn_queries].float()
         losses.append((ours.float() - theirs).pow(2).mean() / theirs.pow(2).mean().clamp_min(1e-8))
     return torch.stack(losses).mean()
@@ -332,6 +346,8 @@ class ConvertConfig:
     seed: int = 0
     device: str = "cpu"
     stage1_from: str | None = None  # a converted folder whose stage-1 GDN heads seed this one
+    gdn_window: int = 0  # GDN heads also attend to their sinks and the last this many tokens (0: off)
+    gdn_sinks: int = 4
     checkpoint_every: int = 20  # optimizer steps between resumable checkpoints
     extra: dict = field(default_factory=dict)
 
@@ -402,7 +418,7 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
     for p in teacher.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    student = from_llama(teacher, cfg.fa_heads).to(cfg.device)
+    student = from_llama(teacher, cfg.fa_heads, gdn_window=cfg.gdn_window, gdn_sinks=cfg.gdn_sinks).to(cfg.device)
     if not any(layer.self_attn.gdn_groups for layer in student.model.layers):
         raise ValueError("every head is full attention: there is nothing to convert (the student is the teacher)")
     batches = TokenBatches(texts, tokenizer, cfg.batch, cfg.seq_len, seed=cfg.seed)
@@ -420,6 +436,10 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
         batches = TokenBatches(texts, tokenizer, cfg.batch, cfg.seq_len, seed=cfg.seed)  # the calibration batch is trained on too
         if cfg.stage1_from:
             source = HydraHeadForCausalLM.from_pretrained(cfg.stage1_from, dtype=next(student.parameters()).dtype).to(cfg.device)
+            theirs = (source.config.gdn_window, source.config.gdn_sinks if source.config.gdn_window else 0)
+            if theirs != (cfg.gdn_window, cfg.gdn_sinks if cfg.gdn_window else 0):
+                raise ValueError(f"{cfg.stage1_from} was trained with gdn_window, gdn_sinks = {theirs}; this conversion asks for "
+                                 f"{(cfg.gdn_window, cfg.gdn_sinks)}: a bank only seeds conversions with the same window")
             copied = copy_gdn_heads(source, student)
             wanted = sum(len(layer.self_attn.gdn_groups) for layer in student.model.layers)
             if copied < wanted:

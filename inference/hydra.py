@@ -58,6 +58,8 @@ class PagedHydraHead:
                 if stored[0].states[layer] is not None:
                     batch.states[layer] = torch.cat([st.states[layer] for st in stored])
                     batch.convs[layer] = torch.cat([st.convs[layer] for st in stored])
+                if stored[0].windows[layer] is not None:  # fixed slots, so every sequence's window stacks
+                    batch.windows[layer] = tuple(torch.cat([st.windows[layer][j] for st in stored]) for j in range(3))
         return batch
 
     def _keep_states(self, cache: PagedKVCache, seq_ids: Sequence[str], batch: HybridCache) -> None:
@@ -67,10 +69,12 @@ class PagedHydraHead:
                 if batch.states[layer] is not None:
                     own.states[layer] = batch.states[layer][row : row + 1]
                     own.convs[layer] = batch.convs[layer][row : row + 1]
+                if batch.windows[layer] is not None:
+                    own.windows[layer] = tuple(t[row : row + 1] for t in batch.windows[layer])
             cache.state[s] = own
 
-    def _layer(self, i: int, x: torch.Tensor, fa, hybrid: HybridCache) -> torch.Tensor:
-        """One decoder layer on x (B, T, d); ``fa(q, k, v)`` does full attention for this layer."""
+    def _layer(self, i: int, x: torch.Tensor, fa, hybrid: HybridCache, positions: torch.Tensor) -> torch.Tensor:
+        """One decoder layer on x (B, T, d) at logical ``positions`` (B, T); ``fa(q, k, v)`` does full attention for this layer."""
         layer = self.model.model.layers[i]
         attn = self.attn[i]
         h = layer.input_layernorm(x)
@@ -83,7 +87,7 @@ class PagedHydraHead:
         if attn.fa_groups:
             parts.append(fa(q[:, :, attn.fa_queries], k[:, :, attn.fa_groups], v[:, :, attn.fa_groups]))  # (B, T, Hf, D)
         if attn.gdn_groups:
-            parts.append(attn._gated_delta(h, q[:, :, attn.gdn_queries], k[:, :, attn.gdn_groups], v[:, :, attn.gdn_groups], hybrid))
+            parts.append(attn._gated_delta(h, q[:, :, attn.gdn_queries], k[:, :, attn.gdn_groups], v[:, :, attn.gdn_groups], hybrid, positions))
         heads = attn.fuse(h, torch.cat(parts, dim=2)[:, :, attn.unpermute])  # (B, T, H, D)
         x = x + attn.o_proj(heads.reshape(B, T, H * D))
         return x + layer.mlp(layer.post_attention_layernorm(x))
@@ -111,7 +115,7 @@ class PagedHydraHead:
                 )  # (Hf, T, D)
                 return o.transpose(0, 1)[None]
 
-            x = self._layer(i, x, fa, hybrid)
+            x = self._layer(i, x, fa, hybrid, positions[None])
         self._keep_states(cache, [seq_id], hybrid)
         logits = self.model.lm_head(self.model.model.norm(x[0]))  # (T, vocab)
         return logits if all_logits else logits[-1]
@@ -131,6 +135,6 @@ class PagedHydraHead:
                 o = ops.paged_decode_attention(q.contiguous(), cache.k[i], cache.v[i], tables, lens, self.scale)  # (B, Hf, D)
                 return o[:, None]
 
-            x = self._layer(i, x, fa, hybrid)
+            x = self._layer(i, x, fa, hybrid, positions[:, None])
         self._keep_states(cache, seq_ids, hybrid)
         return self.model.lm_head(self.model.model.norm(x[:, 0]))  # (B, vocab)

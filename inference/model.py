@@ -60,6 +60,13 @@ class HydraHeadConfig(PreTrainedConfig):
     # exactly Llama attention; on, a key can carry its neighbour's token, which lets small models
     # learn associative recall in far fewer steps, and FA and GDN heads then differ only in the rule.
     fa_conv: bool = False
+    # GDN heads may also keep a short softmax window, in the manner of LoLCATs' sliding-window hybrid: the
+    # head attends, with its own RoPE'd q/k/v, to the first ``gdn_sinks`` tokens and the last ``gdn_window``
+    # ones, and the GDN output is added to that. Local structure (most of what a head does) is then exact
+    # and the delta rule only has to carry what lies beyond the window. The window is a fixed state per
+    # sequence, not K/V that grows with it. 0 turns it off ("teacher" fusion only).
+    gdn_window: int = 0
+    gdn_sinks: int = 4
     rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
     rope_theta: float = 10000.0  # RoPE base (FA heads only; GDN heads need no positions)
     max_position_embeddings: int = 8192  # longest sequence the RoPE table is meant for
@@ -91,6 +98,10 @@ class HydraHeadConfig(PreTrainedConfig):
             )
         if self.head_fusion not in ("normalised", "teacher"):
             raise ValueError(f"head_fusion must be 'normalised' or 'teacher'; got {self.head_fusion!r}")
+        if self.gdn_window < 0 or self.gdn_sinks < 0:
+            raise ValueError(f"gdn_window ({self.gdn_window}) and gdn_sinks ({self.gdn_sinks}) must be >= 0")
+        if self.gdn_window and self.head_fusion != "teacher":
+            raise ValueError("gdn_window needs head_fusion='teacher' (the window's softmax output is added to the scaled GDN output)")
         for i, kinds in enumerate(self.layer_heads):
             if len(kinds) != self.num_key_value_heads or set(kinds) - {FULL, GDN}:
                 raise ValueError(
@@ -118,6 +129,8 @@ class HydraHeadConfig(PreTrainedConfig):
             conv_channels = 0
             if gdn:
                 total += gdn * self.queries_per_group * D * D * 4  # one (K, V) state per GDN query head
+                if self.gdn_window:  # sinks + window: K/V of each GDN group and the slots' positions (int64)
+                    total += (self.gdn_sinks + self.gdn_window) * (2 * gdn * D * kv_bytes + 8)
                 conv_channels += gdn * (self.queries_per_group + 2) * D
             if fa and self.fa_conv:
                 conv_channels += fa * (self.queries_per_group + 2) * D
@@ -162,10 +175,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of shape (T, D) for absolute ``positions`` (T,), the Llama (half-split) layout."""
+    """cos and sin of shape (..., D) for absolute ``positions`` (T,) or (B, T), the Llama (half-split) layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    angles = positions.float()[..., None] * inv_freq  # (..., D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., D)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -189,6 +202,8 @@ class HybridCache:
     ``keys[l]`` / ``values[l]``: (B, G_fa, T, D), contiguous and grown by concatenation (the paged
     cache belongs to the engine). ``states[l]``: (B, H_gdn, D, D) fp32. ``convs[l]`` /
     ``fa_convs[l]``: (B, C, conv_size - 1), the last pre-convolution inputs of the GDN (FA) q/k/v.
+    ``windows[l]``: the GDN heads' sinks and window (``gdn_window``), a fixed number of slots
+    S = sinks + window: keys (RoPE'd) and values (B, Gg, S, D) and their positions (B, S), -1 where empty.
     """
 
     def __init__(self, num_layers: int):
@@ -197,10 +212,11 @@ class HybridCache:
         self.states: list[torch.Tensor | None] = [None] * num_layers
         self.convs: list[torch.Tensor | None] = [None] * num_layers
         self.fa_convs: list[torch.Tensor | None] = [None] * num_layers
+        self.windows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.seen_tokens = 0
 
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.values, *self.states, *self.convs, *self.fa_convs]
+        tensors = [*self.keys, *self.values, *self.states, *self.convs, *self.fa_convs, *(t for w in self.windows if w for t in w)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -260,7 +276,7 @@ class HydraAttention(nn.Module):
         if self.fa_groups:
             parts.append(self._full_attention(q[:, :, self.fa_queries], k[:, :, self.fa_groups], v[:, :, self.fa_groups], positions, cache))
         if self.gdn_groups:
-            parts.append(self._gated_delta(x, q[:, :, self.gdn_queries], k[:, :, self.gdn_groups], v[:, :, self.gdn_groups], cache))
+            parts.append(self._gated_delta(x, q[:, :, self.gdn_queries], k[:, :, self.gdn_groups], v[:, :, self.gdn_groups], cache, positions))
         heads = torch.cat(parts, dim=2)[:, :, self.unpermute]  # (B, T, H, D), heads back in order
         return self.fuse(x, heads)
 
@@ -311,8 +327,12 @@ class HydraAttention(nn.Module):
         q, k, v = mixed.transpose(1, 2).split([Hq * D, G * D, G * D], dim=-1)  # (B, T, C_part)
         return q.reshape(B, T, Hq, D), k.reshape(B, T, G, D), v.reshape(B, T, G, D)
 
-    def _gated_delta(self, x, q, k, v, cache):
-        """The gated delta rule over GDN heads. q (B, T, Hg, D), k/v (B, T, Gg, D) -> (B, T, Hg, D)."""
+    def _gated_delta(self, x, q, k, v, cache, positions=None):
+        """The gated delta rule over GDN heads. q (B, T, Hg, D), k/v (B, T, Gg, D) -> (B, T, Hg, D).
+
+        With ``gdn_window`` the heads' softmax over sinks and window (at ``positions``, (T,) or (B, T)) is added.
+        """
+        raw = (q, k, v)
         q, k, v = self._short_conv(q, k, v, self.conv_weight, None if cache is None else cache.convs, activation=not self.teacher_fusion)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)  # (B, T, Hg, D), (B, T, Gg, D)
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)  # (B, T, Gg), log decay <= 0
@@ -331,7 +351,46 @@ class HydraAttention(nn.Module):
             gain = self.head_gain[self.gdn_queries][:, None].to(out.dtype)  # (Hg, 1)
             gate = 2 * torch.sigmoid(self.gdn_gate_proj(x).view(B, T, Hg, D))  # (B, T, Hg, D), 1 at init
             out = out * gain * gate
+        if self.config.gdn_window:
+            if positions is None:
+                raise ValueError("a model with gdn_window needs the tokens' positions")
+            out = out + self._window_attention(*raw, positions, cache)
         return out
+
+    def _window_attention(self, q, k, v, positions, cache):
+        """Softmax over the sinks and the last ``gdn_window`` tokens. q (B, T, Hg, D), k/v (B, T, Gg, D) -> (B, T, Hg, D)."""
+        B, T, _, D = q.shape
+        cfg = self.config
+        pos = positions.expand(B, T) if positions.dim() == 1 else positions  # (B, T)
+        cos, sin = rope_tables(pos, D, cfg.rope_theta, q.dtype)  # (B, T, D)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # (B, Hg, T, D)
+        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # (B, Gg, T, D)
+        v, key_pos = v.transpose(1, 2), pos
+        stored = None if cache is None else cache.windows[self.layer_idx]
+        if stored is not None:
+            k, v, key_pos = torch.cat([stored[0], k], dim=2), torch.cat([stored[1], v], dim=2), torch.cat([stored[2], pos], dim=1)
+        if cache is not None:
+            cache.windows[self.layer_idx] = self._keep_window(k, v, key_pos)
+        qp, kp = pos[:, :, None], key_pos[:, None, :]  # (B, T, 1), (B, 1, S)
+        allowed = (kp >= 0) & (kp <= qp) & ((kp < cfg.gdn_sinks) | (kp > qp - cfg.gdn_window))  # (B, T, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)  # (B, Hg, T, D)
+        return out.transpose(1, 2)
+
+    def _keep_window(self, k, v, key_pos):
+        """The sinks and the most recent ``gdn_window`` of k/v (B, Gg, S, D) at key_pos (B, S), in a fixed
+        number of slots (empty ones at position -1), so sequences of any length batch together."""
+        cfg = self.config
+        slots = cfg.gdn_sinks + cfg.gdn_window
+        if k.shape[2] < slots:
+            pad = slots - k.shape[2]
+            k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+            key_pos = F.pad(key_pos, (0, pad), value=-1)
+        # rank: sinks first, then the newest; empty slots last
+        rank = torch.where(key_pos < 0, -1, torch.where(key_pos < cfg.gdn_sinks, torch.iinfo(torch.int64).max, key_pos))
+        keep = rank.topk(slots, dim=1).indices  # (B, slots)
+        index = keep[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        return k.gather(2, index), v.gather(2, index), key_pos.gather(1, keep)
 
 
 class DecoderLayer(nn.Module):
@@ -442,7 +501,7 @@ LLAMA_FAMILY = ("llama",)  # decoders whose attention from_llama copies head by 
 
 
 @torch.no_grad()
-def from_llama(llama: nn.Module, fa_heads: list[list[int]], head_fusion: str = "teacher") -> HydraHeadForCausalLM:
+def from_llama(llama: nn.Module, fa_heads: list[list[int]], head_fusion: str = "teacher", gdn_window: int = 0, gdn_sinks: int = 4) -> HydraHeadForCausalLM:
     """A HydraHead model from a transformers Llama-family model; ``fa_heads[l]`` lists layer l's FA groups.
 
     Every weight the two share is copied: embeddings, norms, MLPs, and q/k/v/o of every head (FA
@@ -479,6 +538,8 @@ def from_llama(llama: nn.Module, fa_heads: list[list[int]], head_fusion: str = "
         eos_token_id=lc.eos_token_id,
         pad_token_id=lc.pad_token_id,
         head_fusion=head_fusion,
+        gdn_window=gdn_window,
+        gdn_sinks=gdn_sinks,
     )
     model = HydraHeadForCausalLM(config).to(next(llama.parameters()).dtype)
     src, dst = llama.model, model.model

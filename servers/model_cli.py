@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion in --out from its last checkpoint")
     convert.add_argument("--stage1-from", metavar="DIR", help="take stage-1 GDN heads from an earlier conversion (e.g. an all-GDN bank) instead of training them")
+    convert.add_argument("--gdn-window", type=int, default=0, metavar="N",
+                         help="GDN heads also keep softmax over their first --gdn-sinks tokens and the last N (a fixed state, not per-token K/V; default 0: off)")
+    convert.add_argument("--gdn-sinks", type=int, default=4, metavar="N", help="attention sinks of that window (default 4)")
     convert.add_argument("--eval-samples", type=int, default=10, help="pass-key prompts per length in the closing evaluation (default 10)")
     convert.add_argument("--eval-lengths", type=int, nargs="+", default=[1024, 2048], metavar="N", help="pass-key prompt lengths (default 1024 2048)")
     convert.add_argument("--no-eval", action="store_true", help="skip the closing evaluation (perplexity and pass key on the corpus's held-out split)")
@@ -207,7 +210,8 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"full attention: {sum(map(len, fa))} KV groups {fa}", file=sys.stderr, flush=True)
     cfg = ConvertConfig(fa_heads=fa, selection=selection, selection_seed=args.seed if selection == "random" else None,
                         stage1_tokens=stage1, stage2_tokens=args.tokens - stage1, seq_len=args.seq_len, batch=args.batch,
-                        lr=args.lr, lr_distill=args.lr_distill, seed=args.seed, device=args.device, stage1_from=args.stage1_from)
+                        lr=args.lr, lr_distill=args.lr_distill, seed=args.seed, device=args.device, stage1_from=args.stage1_from,
+                        gdn_window=args.gdn_window, gdn_sinks=args.gdn_sinks)
     bar = tqdm(total=args.tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="converting")
     losses: dict[str, float] = {}
     offset = {"stage1": 0, "stage2": stage1}

@@ -13,13 +13,15 @@ from hydrabrain.inference.model import HydraHeadConfig, HydraHeadForCausalLM
 from hydrabrain.inference.scoring import calibrate
 
 
-@pytest.fixture(scope="module", params=["normalised", "teacher"], ids=["trained_from_scratch", "converted"])
+@pytest.fixture(scope="module", params=[("normalised", 0), ("teacher", 0), ("teacher", 8)],
+                ids=["trained_from_scratch", "converted", "converted_with_gdn_window"])
 def hydra(request):
+    fusion, window = request.param
     torch.manual_seed(0)
     # Layer 0 mixes one FA and one GDN group, layer 1 is all GDN (no K/V at all), layer 2 mixes the other way.
     config = HydraHeadConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, layer_heads=["FG", "GG", "GF"], max_position_embeddings=1024,
-                             head_fusion=request.param)
+                             head_fusion=fusion, gdn_window=window, gdn_sinks=2)
     model = HydraHeadForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():  # move off the identity-like init so every path matters
@@ -48,3 +50,30 @@ def test_a_hybrid_model_compacts_its_fa_cache_and_drops_gdn_state_with_the_seque
     assert engine.blocks_freed > 0
     engine.cache.assert_invariants()
     assert engine.cache.pool.num_free == 64 and not engine.cache.state
+
+
+def test_a_gdn_window_reads_the_same_whether_the_sequence_comes_whole_or_token_by_token():
+    torch.manual_seed(0)
+    config = HydraHeadConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, layer_heads=["FG", "GG"], head_fusion="teacher", gdn_window=6, gdn_sinks=2)
+    model = HydraHeadForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        whole = model(ids).logits  # (2, 40, vocab)
+        out = model(ids[:, :17], use_cache=True)  # a chunk longer than the window, then one token at a time
+        stepped = [out.logits]
+        for t in range(17, 40):
+            out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
+            stepped.append(out.logits)
+    torch.testing.assert_close(torch.cat(stepped, dim=1), whole, rtol=1e-4, atol=1e-4)
+    window_k, _, window_pos = out.cache.windows[1]
+    assert window_k.shape[2] == 8  # sinks + window slots, however long the sequence
+    assert window_pos[0].sort().values.tolist() == [0, 1, *range(34, 40)]
+
+
+def test_a_gdn_window_is_a_fixed_state_and_needs_the_teacher_fusion():
+    config = HydraHeadConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, layer_heads=["GG"], head_fusion="teacher", gdn_window=4, gdn_sinks=1)
+    assert config.cache_bytes(1000) == config.cache_bytes(0)  # a fixed state: nothing grows with the sequence
+    with pytest.raises(Exception, match="needs head_fusion"):
+        HydraHeadConfig(layer_heads=None, head_fusion="normalised", gdn_window=4)
