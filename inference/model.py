@@ -68,7 +68,7 @@ class HydraHeadConfig(PreTrainedConfig):
     gdn_window: int = 0
     gdn_sinks: int = 4
     rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
-    rope_theta: float = 10000.0  # RoPE base (FA heads only; GDN heads need no positions)
+    rope_theta: float = 10000.0  # RoPE base (FA heads and a GDN window; the delta rule needs no positions)
     max_position_embeddings: int = 8192  # longest sequence the RoPE table is meant for
     initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
     tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
@@ -172,6 +172,10 @@ def rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -293,8 +297,7 @@ class HydraAttention(nn.Module):
         if self.config.fa_conv:
             q, k, v = self._short_conv(q, k, v, self.fa_conv_weight, None if cache is None else cache.fa_convs, activation=False)
         cos, sin = rope_tables(positions, q.shape[-1], self.config.rope_theta, q.dtype)
-        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if cache is not None:
             i = self.layer_idx
@@ -364,8 +367,8 @@ class HydraAttention(nn.Module):
         pos = positions.expand(B, T) if positions.dim() == 1 else positions  # (B, T)
         cos, sin = rope_tables(pos, D, cfg.rope_theta, q.dtype)  # (B, T, D)
         cos, sin = cos[:, :, None], sin[:, :, None]
-        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # (B, Hg, T, D)
-        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # (B, Gg, T, D)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, Hg, T, D)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, Gg, T, D)
         v, key_pos = v.transpose(1, 2), pos
         stored = None if cache is None else cache.windows[self.layer_idx]
         if stored is not None:
