@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "hydrabrain.servers.loop.cli",
     "hydrabrain.servers.model_cli",
     "hydrabrain.servers.backend_cli",
+    "hydrabrain.servers.auth_cli",
 )
 
 
@@ -37,11 +38,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from hydrabrain.shared import serving
+    from hydrabrain.shared import auth, serving
 
     settings = settings_from(args)
+    if args.transport != "stdio":
+        serving.public_url_for(settings, args.host, args.port)
+        if not args.insecure_no_auth:  # fail before loading anything; `run` warns when it is set
+            auth.check_bind(args.host, settings.auth, what=f"the {args.name} server")
     server = serving.build(args.name, settings)
-    serving.run(server, args.transport, host=args.host, port=args.port)
+    serving.run(server, args.transport, host=args.host, port=args.port, insecure_no_auth=args.insecure_no_auth)
     return 0
 
 
@@ -175,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport", choices=("stdio", "sse", "http"), default="stdio", help="stdio (default), sse, or http (streamable HTTP at /mcp)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address for sse/http (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port for sse/http (default 8000)")
+    serve.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address without [auth] (logs a warning; anyone who reaches the port can act for any user)")
     serve.set_defaults(func=_serve)
 
     doctor = sub.add_parser("doctor", help="check every configured backend and say how to fix what is missing")

@@ -167,6 +167,8 @@ class LoopConfig(Section):
     commit_scan_depth: int = Field(20, ge=0, description="Recent commits scanned for new TODO/FIXME lines and untested changes")
     max_changed_files: int = Field(25, ge=1, description="Scope check: most files one finding's change may touch")
     reviewer: bool = Field(True, description="Ask the configured LLM for a skeptical review during verify (needs a provider)")
+    max_attempts: int = Field(5, ge=1, description="Attempts per finding before it is closed as too hard; each attempt is a commit on its branch")
+    memory: str = Field("suite", description="Where attempts, outcomes and lessons go: suite (the memory server, in process), off, or a running memory server's URL")
 
 
 class BackendConfig(Section):
@@ -178,6 +180,23 @@ class BackendConfig(Section):
         "auto", description="Default KV compaction policy (which tokens survive a KV budget); auto picks the measured best"
     )
     max_batch: int = Field(8, ge=1, description="Most sequences decoded together")
+
+
+class AuthConfig(Section):
+    mode: Literal["none", "tokens", "jwt"] = Field(
+        "none", description="Who may call an HTTP server: none (loopback only), tokens (issued by `hydrabrain auth token create`) or jwt (an identity provider)"
+    )
+    public_url: str | None = Field(None, description="Base URL clients reach the server at (https://mcp.example.com); unset means http://<host>:<port>")
+    issuer: str | None = Field(None, description="jwt: the identity provider's issuer (the `iss` every token must carry); the metadata names it as the authorization server")
+    jwks_url: str | None = Field(None, description="jwt: the provider's JWKS URL (keys are cached and refetched on an unknown key id)")
+    audience: str | None = Field(None, description="jwt: the `aud` tokens must carry; unset means the server's own resource URL (<public_url>/mcp)")
+    user_claim: str = Field("sub", description="jwt: the claim that names the user")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], description="jwt: signature algorithms accepted")
+    leeway_s: float = Field(30.0, ge=0, description="jwt: clock skew allowed on exp/nbf")
+    jwks_cache_s: float = Field(300.0, gt=0, description="jwt: how long a fetched JWKS is trusted before refetching")
+    jwks_refetch_cooldown_s: float = Field(30.0, ge=0, description="jwt: least time between refetches forced by unknown key ids")
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest HTTP request body accepted (413 beyond)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host headers accepted when bound to a non-loopback address (host:port, * for any port); empty accepts any")
 
 
 class Settings(BaseModel):
@@ -194,6 +213,7 @@ class Settings(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     def data_dir(self, *parts: str) -> Path:
         """A folder under the data home, created on first use."""

@@ -8,7 +8,14 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal
 
 from mcp.server import MCPServer
+from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import AnyHttpUrl
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
+from hydrabrain.shared import auth
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.telemetry import ToolCallTracing, configure_logging, configure_tracing
 
@@ -22,18 +29,37 @@ def new_server(
     instructions: str,
     lifespan: Callable[[MCPServer[Any]], AbstractAsyncContextManager[Any]],
     settings: Settings,
+    scopes: auth.ToolScopes | None = None,
 ) -> MCPServer[Any]:
-    """An MCPServer with the suite's logging and a traced span for every tool call."""
+    """An MCPServer with the suite's logging, a traced span for every tool call, and `[auth]` in force.
+
+    `scopes` says which scope each tool needs; with `[auth] mode` other than none the server verifies
+    bearer tokens over HTTP and refuses a call whose token lacks the tool's scope.
+    """
     configure_logging(settings.log_level)
     configure_tracing()
-    return MCPServer(
+    scopes = scopes or auth.ToolScopes(name)
+    verifier = auth.token_verifier(settings)
+    server = MCPServer(
         name=f"hydrabrain-{name}",
         instructions=instructions,
         version="0.1.0",
         lifespan=lifespan,
         log_level=settings.log_level,
-        middleware=[ToolCallTracing(name)],
+        middleware=[auth.ScopeCheck(scopes), ToolCallTracing(name)],
+        token_verifier=verifier,
+        auth=_auth_settings(settings) if verifier is not None else None,
     )
+    server.hydrabrain_scopes = scopes  # type: ignore[attr-defined]  # read by http_app and the docs check
+    server.hydrabrain_settings = settings  # type: ignore[attr-defined]
+    return server
+
+
+def _auth_settings(settings: Settings) -> AuthSettings:
+    # The verifiers check the audience themselves (JWT) or mint tokens for this server only (API
+    # tokens), so the SDK's own resource check stays off.
+    return AuthSettings(issuer_url=AnyHttpUrl(auth.authorization_server(settings.auth)),
+                        resource_server_url=AnyHttpUrl(auth.resource_url(settings.auth)), validate_token_resource=False)
 
 
 def build(name: str, settings: Settings) -> MCPServer[Any]:
@@ -49,11 +75,46 @@ def build(name: str, settings: Settings) -> MCPServer[Any]:
     return module.build_server(settings)
 
 
-def run(server: MCPServer[Any], transport: Transport, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve over stdio, SSE or streamable HTTP (mounted at /mcp)."""
+def http_app(server: MCPServer[Any], transport: Literal["sse", "http"] = "http", host: str = "127.0.0.1") -> Starlette:
+    """The server's ASGI app: the SDK's transport and bearer middleware, plus the suite's scope gate,
+    body limit, Host check and a protected-resource metadata document that lists the scopes."""
+    settings: Settings = server.hydrabrain_settings  # type: ignore[attr-defined]
+    scopes: auth.ToolScopes = server.hydrabrain_scopes  # type: ignore[attr-defined]
+    cfg = settings.auth
+    security = None
+    if cfg.allowed_hosts:
+        security = TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=cfg.allowed_hosts,
+                                             allowed_origins=[f"{scheme}://{h}" for h in cfg.allowed_hosts for scheme in ("http", "https")])
+    if transport == "sse":
+        app = server.sse_app(max_request_body_size=cfg.max_body_bytes, transport_security=security, host=host)
+    else:
+        app = server.streamable_http_app(max_request_body_size=cfg.max_body_bytes, transport_security=security, host=host)
+    if server.settings.auth is not None:
+        resource = AnyHttpUrl(auth.resource_url(cfg))
+        metadata_url = str(build_resource_metadata_url(resource))
+        # Appended last, so it runs inside the SDK's bearer middleware and sees the verified token.
+        app.user_middleware.append(Middleware(auth.ScopeGate, scopes=scopes, metadata_url=metadata_url, max_body_bytes=cfg.max_body_bytes))
+        # Ours first: the same document as the SDK's, naming the scopes this server's tools need.
+        routes = create_protected_resource_routes(resource, [AnyHttpUrl(auth.authorization_server(cfg))],
+                                                  scopes_supported=scopes.all(), resource_name=server.name)
+        app.router.routes[0:0] = routes
+    return app
+
+
+def run(server: MCPServer[Any], transport: Transport, host: str = "127.0.0.1", port: int = 8000, *, insecure_no_auth: bool = False) -> None:
+    """Serve over stdio, SSE or streamable HTTP (mounted at /mcp); over a network only with `[auth]` or when told."""
     if transport == "stdio":
         server.run("stdio")
-    elif transport == "sse":
-        server.run("sse", host=host, port=port)
-    else:
-        server.run("streamable-http", host=host, port=port)
+        return
+    import uvicorn
+
+    settings: Settings = server.hydrabrain_settings  # type: ignore[attr-defined]
+    auth.check_bind(host, settings.auth, insecure_no_auth=insecure_no_auth, what=server.name)
+    uvicorn.run(http_app(server, transport, host), host=host, port=port, log_level=settings.log_level.lower())
+
+
+def public_url_for(settings: Settings, host: str, port: int) -> None:
+    """Default `[auth] public_url` to the address being served, so metadata and audience match it."""
+    if settings.auth.public_url is None:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        settings.auth.public_url = f"http://{shown}:{port}"

@@ -146,6 +146,11 @@ class ToolCallTracing:
         with tracer().start_as_current_span(f"{self.server_name}.{tool}") as span:
             span.set_attribute("mcp.server", self.server_name)
             span.set_attribute("mcp.tool", tool)
+            from hydrabrain.shared.auth import current_caller  # late: auth imports this module
+
+            caller = current_caller()
+            if caller is not None:
+                span.set_attribute("enduser.id", caller.user)
             outcome = "ok"
             try:
                 result = await call_next(ctx)

@@ -106,16 +106,21 @@ class Sources:
             self._lexical[name] = open_lexical_index(self.settings, name)
         return HybridRetriever(self.embedder, self._store(name, indexed), self._lexical[name])
 
-    def retrieve(self, source: str, question: str, k: int) -> list[Document]:
+    def retrieve(self, source: str, question: str, k: int, user: str | None = None) -> list[Document]:
+        """Documents for `question` from one source; memory only ever yields `user`'s own memories."""
+        if source in (MEMORY, f"qdrant:{MEMORY}"):
+            if not user:
+                raise ValueError("searching memory needs the user whose memory it is (the token's user over HTTP; pass user= over stdio)")
+            only = {"user": user}
         if source == WIKI:
             return [_wiki_document(h.id, h.text, h.payload, h.score) for h in self._retriever(WIKI, WIKI_INDEXED).search(question, k)]
         if source == MEMORY:
             return [
                 Document(h.id, h.text, Citation(source=f"memory:{h.id}", origin=MEMORY, title=str(h.payload.get("title", ""))), h.score)
-                for h in self._retriever(MEMORY, MEMORY_INDEXED).search(question, k)
+                for h in self._retriever(MEMORY, MEMORY_INDEXED).search(question, k, where=only)
             ]
         collection = source.removeprefix("qdrant:")
-        hits = self._store(collection).search(self.embedder.embed_one(question), k)
+        hits = self._store(collection).search(self.embedder.embed_one(question), k, only if collection == MEMORY else None)
         docs = []
         for hit in hits:
             text = next((str(hit.payload[f]) for f in TEXT_FIELDS if isinstance(hit.payload.get(f), str)), "")
@@ -171,7 +176,9 @@ class Crag:
         sources: Sequence[str] | None = None,
         allow_web: bool = True,
         token_budget: int = 1500,
+        user: str | None = None,
     ) -> RetrieveResult:
+        """Retrieve, judge, correct. `user` is whose memory a memory source searches (no one else's)."""
         question = _check_question(question)
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
@@ -184,7 +191,7 @@ class Crag:
         internal: list[Document] = []
         for name in names:
             try:
-                found = await anyio.to_thread.run_sync(self.sources.retrieve, name, question, k)
+                found = await anyio.to_thread.run_sync(self.sources.retrieve, name, question, k, user)
             except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
                 trace.append(TraceStep(step="retrieve", detail=f"{name}: failed ({exc})"))
                 continue

@@ -12,11 +12,12 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from hydrabrain.shared.auth import PermissionDenied, ToolScopes, user_for
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.embeddings import get_embedder
 from hydrabrain.shared.serving import new_server
 
-from hydrabrain.servers.crag.core import Crag, build_evaluator, evaluator_info, load_llm
+from hydrabrain.servers.crag.core import MEMORY, Crag, build_evaluator, evaluator_info, load_llm, parse_sources
 from hydrabrain.servers.crag.models import EvaluateResult, RetrieveResult
 
 INSTRUCTIONS = """\
@@ -45,12 +46,14 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         finally:
             crag.close()
 
-    server = new_server("crag", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings)
+    scopes = ToolScopes("crag", resources="crag:read")
+    server = new_server("crag", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings, scopes=scopes)
 
     def state(ctx: Context) -> Crag:
         return ctx.request_context.lifespan_context.crag
 
     @server.tool()
+    @scopes.need("crag:read")
     async def retrieve(
         question: Annotated[str, Field(description="The question the context is for, as the user asked it")],
         ctx: Context,
@@ -61,14 +64,21 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         ] = None,
         allow_web: Annotated[bool, Field(description="Allow web search when internal knowledge is judged insufficient")] = True,
         token_budget: Annotated[int, Field(description="Most tokens of context to return", ge=32, le=20000)] = 1500,
+        user: Annotated[
+            str | None,
+            Field(description="Whose memory a 'memory' source searches; over HTTP with [auth] the token's user (another needs the admin scope)"),
+        ] = None,
     ) -> RetrieveResult:
         """Retrieve, judge and correct context for a question; returns cited strips, the action taken and a trace."""
         try:
-            return await state(ctx).retrieve(question, k=k, sources=sources, allow_web=allow_web, token_budget=token_budget)
-        except (ValueError, RuntimeError) as exc:
+            names = parse_sources(sources)
+            who = user_for(user) if any(n in (MEMORY, f"qdrant:{MEMORY}") for n in names) else None
+            return await state(ctx).retrieve(question, k=k, sources=sources, allow_web=allow_web, token_budget=token_budget, user=who)
+        except (ValueError, RuntimeError, PermissionDenied) as exc:
             raise ToolError(str(exc)) from exc
 
     @server.tool()
+    @scopes.need("crag:read")
     async def evaluate(
         question: Annotated[str, Field(description="The question the documents should answer")],
         documents: Annotated[list[str], Field(description="Document texts to judge", min_length=1, max_length=100)],

@@ -19,6 +19,7 @@ from hydrabrain.servers.memory.episodes import Lesson
 from hydrabrain.servers.memory.facts import Fact
 from hydrabrain.servers.memory.timeutil import to_iso
 from hydrabrain.shared.config import Settings
+from hydrabrain.shared.auth import PermissionDenied, ToolScopes, user_for
 from hydrabrain.shared.graph import GraphError
 from hydrabrain.shared.serving import new_server
 from hydrabrain.shared.telemetry import get_logger, log_event
@@ -170,6 +171,9 @@ def consolidation_out(r: ConsolidationResult) -> ConsolidateOut:
     return ConsolidateOut(created=[lesson_out(x) for x in r.created], updated=[lesson_out(x) for x in r.updated], episodes_considered=r.episodes_considered)
 
 
+USER_HELP = ("Whose memory (one user never sees another's). Over HTTP with [auth] it defaults to the token's user, "
+             "and naming another user needs the admin scope; over stdio it must be given")
+
 EXTRACT_SCHEMA = {
     "type": "object",
     "properties": {"facts": {"type": "array", "items": {
@@ -210,7 +214,8 @@ def build_server(settings: Settings) -> MCPServer:
         finally:
             await anyio.to_thread.run_sync(service.close)
 
-    server = new_server("memory", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings)
+    scopes = ToolScopes("memory", resources="memory:read")
+    server = new_server("memory", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings, scopes=scopes)
 
     def state(ctx: Context) -> MemoryState:
         return ctx.request_context.lifespan_context
@@ -222,6 +227,23 @@ def build_server(settings: Settings) -> MCPServer:
         except (MemoryInputError, GraphError) as exc:
             raise ToolError(str(exc)) from None
 
+    def whose(user: str | None) -> str:
+        # The token decides whose memory this is; naming another user needs the admin scope.
+        try:
+            return user_for(user)
+        except PermissionDenied as exc:
+            raise ToolError(str(exc)) from None
+
+    async def own_session(ctx: Context, session_id: str) -> None:
+        session = await run(state(ctx).service.session, session_id)
+        whose(session.user)
+
+    def readable(user: str) -> str:
+        try:
+            return user_for(user)
+        except PermissionDenied as exc:
+            raise ResourceError(str(exc)) from None
+
     async def read(fn: Any, *args: Any) -> Any:
         try:
             return await anyio.to_thread.run_sync(lambda: fn(*args))
@@ -229,22 +251,25 @@ def build_server(settings: Settings) -> MCPServer:
             raise ResourceError(str(exc)) from None
 
     @server.tool()
+    @scopes.need("memory:write")
     async def start_session(
-        user: Annotated[str, Field(description="Whose memory this is (one user never sees another's)")],
         ctx: Context,
+        user: Annotated[str | None, Field(description=USER_HELP)] = None,
         task: Annotated[str | None, Field(description="What this session is about")] = None,
         team: Annotated[str | None, Field(description="Optional team the records also belong to")] = None,
     ) -> SessionOut:
         """Start a session that groups what you remember during one task."""
-        s = await run(state(ctx).service.start_session, user, task, team)
+        s = await run(state(ctx).service.start_session, whose(user), task, team)
         return SessionOut(session_id=s.id, user=s.user, task=s.task, started_at=to_iso(s.started_at) or "")
 
     @server.tool()
+    @scopes.need("memory:write")
     async def end_session(
         session_id: Annotated[str, Field(description="From start_session")],
         ctx: Context,
     ) -> EndSessionOut:
         """End a session and distil its attempts and outcomes into lessons."""
+        await own_session(ctx, session_id)
         s, result = await run(state(ctx).service.end_session, session_id)
         return EndSessionOut(
             session=SessionOut(session_id=s.id, user=s.user, task=s.task, started_at=to_iso(s.started_at) or "", ended_at=to_iso(s.ended_at)),
@@ -252,6 +277,7 @@ def build_server(settings: Settings) -> MCPServer:
         )
 
     @server.tool()
+    @scopes.need("memory:write")
     async def remember(
         session_id: Annotated[str, Field(description="From start_session")],
         text: Annotated[str, Field(description="What happened, in one or a few sentences")],
@@ -262,6 +288,7 @@ def build_server(settings: Settings) -> MCPServer:
     ) -> RememberOut:
         """Store one memory; its facts supersede older facts with the same subject and predicate."""
         st = state(ctx)
+        await own_session(ctx, session_id)
         given: list[Any] = list(facts or [])
         extracted = False
         if not given and st.llm is not None and isinstance(text, str) and 0 < len(text) <= settings.memory.max_text_chars:
@@ -272,75 +299,85 @@ def build_server(settings: Settings) -> MCPServer:
         return RememberOut(memory_id=r.memory_id, at=r.at, facts=[fact_out(f) for f in r.facts], invalidated=[fact_out(f) for f in r.invalidated], extracted=extracted)
 
     @server.tool()
+    @scopes.need("memory:write")
     async def remember_turns(
         session_id: Annotated[str, Field(description="From start_session; one session per conversation session")],
         turns: Annotated[list[TurnIn], Field(description="The turns in the order they were said: {speaker, text, at?}")],
         ctx: Context,
     ) -> RememberTurnsOut:
         """Store a conversation's turns verbatim in one call (hundreds at once); no facts needed."""
+        await own_session(ctx, session_id)
         given = [t.model_dump(exclude_none=True) for t in turns]
         r = await run(state(ctx).service.remember_turns, session_id, given)
         return RememberTurnsOut(session_id=r.session_id, memory_ids=r.memory_ids, dates_resolved=r.dates_resolved, names_linked=r.names_linked)
 
     @server.tool()
+    @scopes.need("memory:read")
     async def recall(
         query: Annotated[str, Field(description="What you want to know")],
-        user: Annotated[str, Field(description="Whose memory to search")],
         ctx: Context,
+        user: Annotated[str | None, Field(description=USER_HELP)] = None,
         k: Annotated[int, Field(ge=1, le=100, description="Most items to return")] = 8,
         as_of: Annotated[str | None, Field(description="ISO 8601 time: answer with what was true and known then")] = None,
         kinds: Annotated[list[RecallKind] | None, Field(description="Only these kinds (episode kinds, 'fact', 'lesson')")] = None,
         session_id: Annotated[str | None, Field(description="Only this session's memories")] = None,
     ) -> RecallOut:
         """Recall episodes, current facts and lessons relevant to a query, best first."""
-        items = await run(state(ctx).service.recall, query, user, k, as_of, kinds, session_id)
+        who = whose(user)
+        if session_id:
+            await own_session(ctx, session_id)
+        items = await run(state(ctx).service.recall, query, who, k, as_of, kinds, session_id)
         return RecallOut(items=[item_out(i) for i in items], as_of=as_of)
 
     @server.tool()
+    @scopes.need("memory:write")
     async def consolidate(
-        user: Annotated[str, Field(description="Whose memories to consolidate")],
         ctx: Context,
+        user: Annotated[str | None, Field(description=USER_HELP)] = None,
         session_id: Annotated[str | None, Field(description="Only this session's episodes (default: all)")] = None,
     ) -> ConsolidateOut:
         """Distil similar attempts and outcomes into lessons that cite them; episodes are kept."""
-        return consolidation_out(await run(state(ctx).service.consolidate, user, session_id))
+        return consolidation_out(await run(state(ctx).service.consolidate, whose(user), session_id))
 
     @server.tool()
+    @scopes.need("memory:read")
     async def briefing(
         task: Annotated[str, Field(description="The task you are about to start")],
-        user: Annotated[str, Field(description="Whose memory to use")],
         ctx: Context,
+        user: Annotated[str | None, Field(description=USER_HELP)] = None,
         token_budget: Annotated[int, Field(ge=20, le=32000, description="Most tokens the briefing may take")] = 800,
     ) -> BriefingOut:
         """What to know before a task: lessons (dead ends first), then current facts and preferences."""
-        b = await run(state(ctx).service.briefing, task, user, token_budget)
+        b = await run(state(ctx).service.briefing, task, whose(user), token_budget)
         return BriefingOut(text=b.text, tokens=b.tokens, token_budget=b.token_budget, lessons=b.lessons, facts=b.facts, preferences=b.preferences, omitted=b.omitted)
 
     @server.tool()
+    @scopes.need("memory:write")
     async def forget(
-        user: Annotated[str, Field(description="Whose memory")],
         ctx: Context,
+        user: Annotated[str | None, Field(description=USER_HELP)] = None,
         memory_id: Annotated[str | None, Field(description="One memory to delete, with the facts it stated")] = None,
         subject: Annotated[str | None, Field(description="Delete everything about this entity: its facts and the memories that mention it")] = None,
         everything: Annotated[bool, Field(description="Delete all of this user's memories")] = False,
     ) -> ForgetOut:
         """Delete memories for real, from every store (for privacy requests)."""
-        r = await run(state(ctx).service.forget, user, memory_id, subject, everything)
+        r = await run(state(ctx).service.forget, whose(user), memory_id, subject, everything)
         return ForgetOut(episodes=r.episodes, facts=r.facts, lessons_deleted=r.lessons_deleted, lessons_rewritten=r.lessons_rewritten)
 
     @server.resource("memory://user/{user}/lessons", mime_type="application/json", description="The user's lessons, best supported first")
     async def user_lessons(user: str, ctx: Context) -> str:
-        lessons = await read(state(ctx).service.lessons, user)
+        lessons = await read(state(ctx).service.lessons, readable(user))
         return json.dumps([lesson_out(x).model_dump() for x in lessons], indent=2)
 
     @server.resource("memory://user/{user}/facts", mime_type="application/json", description="The user's current facts")
     async def user_facts(user: str, ctx: Context) -> str:
-        facts = await read(state(ctx).service.facts, user)
+        facts = await read(state(ctx).service.facts, readable(user))
         return json.dumps([fact_out(f).model_dump() for f in facts], indent=2)
 
     @server.resource("memory://session/{session_id}", mime_type="application/json", description="A session and its episodes in order")
     async def session_record(session_id: str, ctx: Context) -> str:
         s, episodes = await read(state(ctx).service.session_view, session_id)
+        readable(s.user)
         return json.dumps({
             "session_id": s.id, "user": s.user, "team": s.team, "task": s.task,
             "started_at": to_iso(s.started_at), "ended_at": to_iso(s.ended_at),

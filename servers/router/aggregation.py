@@ -25,6 +25,7 @@ from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, CallToolResult, LoggingMessageNotificationParams, TextContent
 
+from hydrabrain.shared.auth import CALLER_META_KEY, current_caller
 from hydrabrain.shared.config import DownstreamConfig, Settings
 from hydrabrain.shared.telemetry import get_logger, log_event
 
@@ -352,20 +353,20 @@ class Aggregator:
                 async def progress(value: float, total: float | None, message: str | None) -> None:
                     await ctx.session.report_progress(value, total, message)
             async with self._guard(ds, f"tools/call {tool.name}", ctx):
-                return await client.call_tool(tool.name, arguments, progress_callback=progress)
+                return await client.call_tool(tool.name, arguments, progress_callback=progress, meta=_caller_meta(ds))
         except DownstreamDown as exc:
             return CallToolResult(content=[TextContent(type="text", text=str(exc))], is_error=True)
 
     async def read_resource(self, ds: Downstream, uri: str) -> Any:
         client = await self._client(ds)
         async with self._guard(ds, f"resources/read {uri}"):
-            return await client.read_resource(uri)
+            return await client.read_resource(uri, meta=_caller_meta(ds))
 
     async def get_prompt(self, exposed: str, arguments: dict[str, str] | None) -> Any:
         ds, prompt = self.prompt_table()[exposed]
         client = await self._client(ds)
         async with self._guard(ds, f"prompts/get {prompt.name}"):
-            return await client.get_prompt(prompt.name, arguments)
+            return await client.get_prompt(prompt.name, arguments, meta=_caller_meta(ds))
 
     def status(self) -> list[dict[str, Any]]:
         table = self.tool_table()
@@ -378,6 +379,16 @@ class Aggregator:
             }
             for ds in self.downstreams.values()
         ]
+
+
+def _caller_meta(ds: Downstream) -> dict[str, Any] | None:
+    """Who is calling, for a suite server mounted in process: it has no token of its own to check, so
+    the router passes the verified caller on and the server applies the same scopes and user rule as
+    to a direct call. External servers get nothing: they authenticate their own callers."""
+    caller = current_caller()
+    if caller is None or ds.mount.source != "suite":
+        return None
+    return {CALLER_META_KEY: caller.as_meta()}
 
 
 def _describe(exc: BaseException) -> str:

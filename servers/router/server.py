@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.llm import LLM, Completion, Ledger, LLMError, llm_from_settings
+from hydrabrain.shared.auth import ADMIN, ToolScopes, current_caller
 from hydrabrain.shared.serving import new_server
 
 from .aggregation import Aggregator, AggregatingMiddleware, Mount, external_mount, suite_mounts
@@ -98,10 +99,13 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
                 await llm.aclose()
             ledger.close()
 
-    server = new_server("router", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings)
+    # Tools of mounted servers are checked by those servers, with the caller the router forwards.
+    scopes = ToolScopes("router")
+    server = new_server("router", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings, scopes=scopes)
     server.middleware.append(AggregatingMiddleware(lambda ctx: getattr(ctx.lifespan_context, "aggregator", None)))
 
     @server.tool()
+    @scopes.need("router:complete")
     async def complete(
         ctx: Context,
         prompt: Annotated[str | None, Field(description="The prompt; give this or messages")] = None,
@@ -116,6 +120,7 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
         state = _state(ctx)
         if state.llm is None:
             raise ToolError(NO_PROVIDER)
+        tenant = _tenant_for(tenant)
         msgs = messages_arg(messages)
         try:
             meta = ctx.request_context.meta or {}
@@ -139,6 +144,7 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
             raise ToolError(str(exc)) from exc
 
     @server.tool()
+    @scopes.need("router:complete")
     async def route(
         ctx: Context,
         task: TaskArg = "general",
@@ -152,6 +158,7 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
         return report_route(state.llm.route(task=task, prompt=prompt or None, max_tokens=max_tokens))
 
     @server.tool()
+    @scopes.need("router:complete")
     async def usage(
         ctx: Context,
         tenant: Annotated[str | None, Field(description="Only this tenant's calls")] = None,
@@ -159,24 +166,32 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
     ) -> UsageReport:
         """Spend from the ledger: calls, tokens, cost and latency by tenant, feature and model, with budgets."""
         state = _state(ctx)
+        caller = current_caller()
+        if caller is not None and not caller.allows(ADMIN):
+            tenant = _tenant_for(tenant)  # a caller sees their own spend; everyone's needs the admin scope
         try:
             return usage_report(state.ledger, state.settings, tenant=tenant, since=since)
         except RouterError as exc:
             raise ToolError(str(exc)) from exc
 
     @server.tool()
+    @scopes.need("router:complete")
     async def providers(ctx: Context) -> ProvidersReport:
         """Each configured model's health, cooldown and spend this month."""
         state = _state(ctx)
         return providers_report(state.llm, state.settings)
 
     @server.tool()
+    @scopes.need("router:complete")
     async def mounts(
         ctx: Context,
         restart: Annotated[str | None, Field(description="Prefix of a mounted server to restart now")] = None,
     ) -> MountsReport:
         """The mounted servers: state, restarts, last error and exposed tools; optionally restart one."""
         agg = _state(ctx).aggregator
+        caller = current_caller()
+        if restart is not None and caller is not None and not caller.allows(ADMIN):
+            raise ToolError(f"restarting a mounted server needs the '{ADMIN}' scope")
         if restart is not None:
             if restart not in agg.downstreams:
                 raise ToolError(f"no mount with prefix {restart!r}; mounted: {', '.join(agg.downstreams) or 'none'}")
@@ -185,3 +200,13 @@ def build_server(settings: Settings, extra_mounts: list[Mount] | None = None) ->
         return MountsReport(mounts=[MountStatus(**s) for s in agg.status()], restarted=restart)
 
     return server
+
+
+def _tenant_for(tenant: str | None) -> str | None:
+    """Spend is the caller's: an authenticated call is attributed to its user unless an admin names another."""
+    caller = current_caller()
+    if caller is None or caller.allows(ADMIN) and tenant:
+        return tenant
+    if tenant and tenant != caller.user:
+        raise ToolError(f"this token acts for {caller.user!r}; attributing spend to {tenant!r} needs the '{ADMIN}' scope")
+    return caller.user

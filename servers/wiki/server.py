@@ -25,6 +25,7 @@ from hydrabrain.servers.wiki.markdown import SlugError
 from hydrabrain.servers.wiki.store import GitError, WikiPathError
 from hydrabrain.servers.wiki.models import AskResult, IngestResult, LintReport, MaintainResult, SearchResult, WritePageResult
 from hydrabrain.shared.config import Settings
+from hydrabrain.shared.auth import ToolScopes
 from hydrabrain.shared.serving import new_server
 
 T = TypeVar("T")
@@ -72,7 +73,8 @@ def build_server(settings: Settings) -> MCPServer[Any]:
                     state.wiki.close()
                     state.wiki = None
 
-    server = new_server("wiki", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings)
+    scopes = ToolScopes("wiki", resources="wiki:read")
+    server = new_server("wiki", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings, scopes=scopes)
 
     async def set_logging_level(_: ServerRequestContext, params: types.SetLevelRequestParams) -> types.EmptyResult:
         state.client_log_level = params.level
@@ -83,6 +85,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
     server._lowlevel_server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, set_logging_level)
 
     @server.tool()
+    @scopes.need("wiki:write")
     async def ingest(
         ctx: Context,
         source: Annotated[str, Field(description="A file path (inside the allowed folders), an http(s) URL, or the text itself")],
@@ -96,6 +99,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         return result
 
     @server.tool()
+    @scopes.need("wiki:read")
     async def search(
         ctx: Context,
         query: Annotated[str, Field(description="What to look for: words, names, or a question")],
@@ -105,6 +109,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         return await _run(_state(ctx).require().search, query, k)
 
     @server.tool()
+    @scopes.need("wiki:read")
     async def ask(
         ctx: Context,
         question: Annotated[str, Field(description="The question to answer from the wiki")],
@@ -114,6 +119,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         return await _run(_state(ctx).require().ask, question, k)
 
     @server.tool()
+    @scopes.need("wiki:write")
     async def write_page(
         ctx: Context,
         slug: Annotated[str, Field(description="Page name: lowercase letters, digits and hyphens")],
@@ -128,11 +134,13 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         return result
 
     @server.tool()
+    @scopes.need("wiki:read")
     async def lint(ctx: Context) -> LintReport:
         """Broken links, orphans, missing concept pages, uncited claims, stale pages and contradictions."""
         return await _run(_state(ctx).require().lint)
 
     @server.tool()
+    @scopes.need("wiki:write")
     async def maintain(ctx: Context) -> MaintainResult:
         """Lint and apply the safe fixes (index, backlinks, stubs, stale marks); lists what needs a writer."""
         state = _state(ctx)

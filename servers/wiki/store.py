@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from hydrabrain.servers.wiki.markdown import check_slug
+from hydrabrain.shared.auth import current_caller
 
 SOURCE_ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
 
@@ -110,7 +111,14 @@ class WikiFiles:
                 self.git("add", "-A")
             if not self.git("diff", "--cached", "--name-only").strip():
                 return None
-            self.git("commit", "-q", "--no-verify", "-m", message)
+            caller = current_caller()
+            if caller is None:
+                self.git("commit", "-q", "--no-verify", "-m", message)
+            else:
+                # Who wrote it is the token's user, so `git log` and `git blame` answer "who changed this page".
+                name = "".join(ch for ch in caller.user if ch.isprintable() and ch not in "<>") or "unknown"
+                mailbox = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in caller.user) or "unknown"
+                self.git("commit", "-q", "--no-verify", f"--author={name} <{mailbox}@users.hydrabrain.invalid>", "-m", message)
             return self.git("rev-parse", "HEAD").strip()
 
     # --- locks ----------------------------------------------------------------------------------

@@ -183,13 +183,21 @@ async def test_memory_and_a_named_qdrant_collection_are_sources_too(crag_setting
 
     embedder = get_embedder(crag_settings)
     memory = HybridRetriever(embedder, open_vector_store(crag_settings, "memory", embedder.dim, ("user",)), open_lexical_index(crag_settings, "memory"))
-    memory.index([("ep-1", "The team agreed that the Falcon API gateway rejects requests larger than 8 MB.", {"user": "ana"})])
+    memory.index([("ep-1", "The team agreed that the Falcon API gateway rejects requests larger than 8 MB.", {"user": "ana"}),
+                  ("ep-2", "Bo's private note: the Falcon API gateway admin password is in the red notebook.", {"user": "bo"})])
     notes = open_vector_store(crag_settings, "notes", embedder.dim)
     text = "The Osprey build server keeps build logs for 30 days."
     notes.upsert([VectorPoint("n1", embedder.embed_one(text), {"text": text, "url": "https://notes.example/osprey"})])
 
-    out = await _retrieve(crag_settings, question="What is the largest request the Falcon API gateway accepts?", sources=["memory"])
+    out = await _retrieve(crag_settings, question="What is the largest request the Falcon API gateway accepts?", sources=["memory"], user="ana")
     assert out["action"] == "correct" and out["strips"][0]["citation"] == {"source": "memory:ep-1", "origin": "memory", "title": ""}
+    # one user's question never surfaces another user's memories, through either spelling of the source
+    for source in ("memory", "qdrant:memory"):
+        out = await _retrieve(crag_settings, question="Falcon API gateway admin password", sources=[source], user="ana", allow_web=False)
+        assert "notebook" not in out["context"] and all(s["citation"]["source"] != "memory:ep-2" for s in out["strips"])
+    async with Client(build_server(crag_settings)) as client:
+        nobody = await client.call_tool("retrieve", {"question": "Falcon API gateway", "sources": ["memory"]})
+    assert nobody.is_error and "name the user" in nobody.content[0].text
     out = await _retrieve(crag_settings, question="How long does the Osprey build server keep build logs?", sources=["qdrant:notes", "wiki"])
     assert out["action"] == "correct"
     assert out["strips"][0]["citation"]["source"] == "https://notes.example/osprey"

@@ -1,0 +1,281 @@
+"""Over HTTP, who is calling is proved by a bearer token, each tool needs its scope, and a user's
+memories are theirs alone: real servers on loopback, a real JWKS endpoint, the official client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx2
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import ProtectedResourceMetadata
+
+from hydrabrain.servers.cli import main
+from hydrabrain.shared import serving
+from hydrabrain.shared.auth import SCOPES, TokenStore
+from hydrabrain.shared.config import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+# --- a real identity provider's JWKS on loopback ------------------------------------------------
+
+
+@dataclass
+class IdentityProvider:
+    url: str
+    keys: dict[str, Any] = field(default_factory=dict)  # kid -> private key, all published
+    fetches: int = 0
+
+    @property
+    def issuer(self) -> str:
+        return self.url
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.url}/jwks.json"
+
+    def add_key(self, kid: str) -> None:
+        self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwks(self) -> dict[str, Any]:
+        out = []
+        for kid, key in self.keys.items():
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            out.append({**jwk, "kid": kid, "use": "sig", "alg": "RS256"})
+        return {"keys": out}
+
+    def token(self, user: str, scopes: str, audience: str, *, expires_in: float = 300, issuer: str | None = None,
+              kid: str = "k1", key: Any = None) -> str:
+        now = int(time.time())
+        claims = {"sub": user, "scope": scopes, "aud": audience, "iss": issuer or self.issuer, "iat": now, "exp": now + int(expires_in)}
+        return jwt.encode(claims, key or self.keys[kid], algorithm="RS256", headers={"kid": kid})
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    provider = IdentityProvider(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            provider.fetches += 1
+            body = json.dumps(provider.jwks()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    provider.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    provider.add_key("k1")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield provider
+    httpd.shutdown()
+
+
+# --- the suite's servers over streamable HTTP ----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def served(settings: Settings, name: str) -> Iterator[str]:
+    """`name` built from `settings` and served over streamable HTTP the way `hydrabrain serve` does; yields its base URL."""
+    import uvicorn
+
+    port = _free_port()
+    settings.auth.public_url = f"http://127.0.0.1:{port}"
+    app = serving.http_app(serving.build(name, settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield settings.auth.public_url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def jwt_settings(settings: Settings, idp: IdentityProvider) -> Settings:
+    settings.auth.mode = "jwt"
+    settings.auth.issuer = idp.issuer
+    settings.auth.jwks_url = idp.jwks_url
+    settings.auth.jwks_refetch_cooldown_s = 0
+    settings.memory.extract_facts = False
+    return settings
+
+
+def as_user(url: str, token: str) -> Client:
+    """The official client over streamable HTTP, presenting `token`."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    return Client(streamable_http_client(f"{url}/mcp", http_client=http), cache=None)
+
+
+def text(result: Any) -> str:
+    return result.content[0].text if result.content else ""
+
+
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+              "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}}}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+# --- tests -----------------------------------------------------------------------------------------
+
+
+async def test_a_users_jwt_reaches_their_own_memories_and_never_another_users(settings: Settings, idp: IdentityProvider) -> None:
+    jwt_settings(settings, idp)
+    with served(settings, "memory") as url:
+        aud = f"{url}/mcp"
+        alice = idp.token("alice", "memory:read memory:write", aud)
+        bob = idp.token("bob", "memory:read memory:write", aud)
+        admin = idp.token("ops", "admin", aud)
+        async with as_user(url, alice) as client:
+            started = await client.call_tool("start_session", {"task": "release"})
+            assert not started.is_error, text(started)
+            assert started.structured_content["user"] == "alice"  # the token's user, without naming one
+            sid = started.structured_content["session_id"]
+            kept = await client.call_tool("remember", {"session_id": sid, "text": "The staging database password rotates every Monday."})
+            assert not kept.is_error, text(kept)
+            mine = await client.call_tool("recall", {"query": "staging database password"})
+            assert "Monday" in json.dumps(mine.structured_content)
+            posing = await client.call_tool("start_session", {"user": "bob"})
+            assert posing.is_error and "'admin' scope" in text(posing)
+        async with as_user(url, bob) as client:
+            nothing = await client.call_tool("recall", {"query": "staging database password"})
+            assert not nothing.is_error and "Monday" not in json.dumps(nothing.structured_content)
+            for tool, args in [("recall", {"query": "password", "user": "alice"}), ("briefing", {"task": "release", "user": "alice"}),
+                               ("forget", {"user": "alice", "everything": True}), ("consolidate", {"user": "alice"}),
+                               ("remember", {"session_id": sid, "text": "bob writes into alice's session"}), ("end_session", {"session_id": sid})]:
+                refused = await client.call_tool(tool, args)
+                assert refused.is_error and "alice" in text(refused), (tool, text(refused))
+            for uri in ("memory://user/alice/facts", "memory://user/alice/lessons", f"memory://session/{sid}"):
+                with pytest.raises(Exception, match="admin"):
+                    await client.read_resource(uri)
+        async with as_user(url, admin) as client:
+            hers = await client.call_tool("recall", {"query": "staging database password", "user": "alice"})
+            assert "Monday" in json.dumps(hers.structured_content)  # the admin scope may act for any user
+        async with as_user(url, alice) as client:  # and bob's attempts changed nothing of hers
+            still = await client.call_tool("recall", {"query": "staging database password"})
+            assert "Monday" in json.dumps(still.structured_content)
+
+
+async def test_a_missing_or_bad_token_gets_401_pointing_at_valid_protected_resource_metadata(settings: Settings, idp: IdentityProvider) -> None:
+    jwt_settings(settings, idp)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with served(settings, "memory") as url:
+        aud = f"{url}/mcp"
+        bad = {
+            "none": None,
+            "garbage": "not-a-token",
+            "expired": idp.token("alice", "memory:read", aud, expires_in=-120),
+            "wrong audience": idp.token("alice", "memory:read", "http://127.0.0.1:1/mcp"),
+            "wrong issuer": idp.token("alice", "memory:read", aud, issuer="http://evil.example"),
+            "unknown key": idp.token("alice", "memory:read", aud, kid="k-forged", key=other),
+            "wrong key for its kid": idp.token("alice", "memory:read", aud, key=other),
+        }
+        async with httpx2.AsyncClient(timeout=30) as http:
+            for why, token in bad.items():
+                headers = {**MCP_HEADERS, **({"Authorization": f"Bearer {token}"} if token else {})}
+                response = await http.post(aud, json=INITIALIZE, headers=headers)
+                assert response.status_code == 401, why
+                challenge = response.headers["www-authenticate"]
+                assert challenge.startswith("Bearer ") and f'resource_metadata="{url}/.well-known/oauth-protected-resource/mcp"' in challenge, why
+            metadata = ProtectedResourceMetadata.model_validate((await http.get(f"{url}/.well-known/oauth-protected-resource/mcp")).json())
+            assert str(metadata.resource).rstrip("/") == aud and [str(s).rstrip("/") for s in metadata.authorization_servers] == [idp.issuer]
+            assert {"memory:read", "memory:write"} <= set(metadata.scopes_supported or [])
+
+            # The provider rotates its key: a token under the new kid is accepted without a restart.
+            idp.add_key("k2")
+            rotated = idp.token("alice", "memory:read", aud, kid="k2")
+            response = await http.post(aud, json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": f"Bearer {rotated}"})
+            assert response.status_code == 200
+
+
+async def test_a_token_without_the_scope_a_tool_needs_gets_403_naming_the_scope(settings: Settings, idp: IdentityProvider) -> None:
+    jwt_settings(settings, idp)
+    with served(settings, "memory") as url:
+        aud = f"{url}/mcp"
+        reader = idp.token("alice", "memory:read", aud)
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "start_session", "arguments": {}}}
+        async with httpx2.AsyncClient(timeout=30) as http:
+            response = await http.post(aud, json=call, headers={**MCP_HEADERS, "Authorization": f"Bearer {reader}"})
+        assert response.status_code == 403
+        assert 'error="insufficient_scope"' in response.headers["www-authenticate"] and 'scope="memory:write"' in response.headers["www-authenticate"]
+        assert "memory:write" in response.json()["error_description"]
+        async with as_user(url, reader) as client:  # reading is still allowed
+            assert not (await client.call_tool("recall", {"query": "anything"})).is_error
+
+
+async def test_api_tokens_created_by_the_cli_are_accepted_until_revoked(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["auth", "token", "create", "--user", "alice", "--scopes", "memory:read,memory:write", "--json"]) == 0
+    issued = json.loads(capsys.readouterr().out)
+    assert issued["token"].startswith("hbt_") and "sha256" not in issued
+    stored = (settings.home / "auth" / "tokens.json").read_text()
+    assert issued["token"] not in stored  # only its hash is kept
+    settings.auth.mode = "tokens"
+    settings.memory.extract_facts = False
+    with served(settings, "memory") as url:
+        async with as_user(url, issued["token"]) as client:
+            started = await client.call_tool("start_session", {})
+            assert not started.is_error and started.structured_content["user"] == "alice"
+        assert main(["auth", "token", "revoke", issued["id"]]) == 0
+        assert "revoked" in capsys.readouterr().out
+        async with httpx2.AsyncClient(timeout=30) as http:
+            response = await http.post(f"{url}/mcp", json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": f"Bearer {issued['token']}"})
+        assert response.status_code == 401
+    assert main(["auth", "token", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(t["user"], t["revoked_at"] is not None) for t in listed] == [("alice", True)]
+
+
+def test_unknown_scopes_and_missing_tokens_are_clear_errors(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["auth", "token", "create", "--user", "alice", "--scopes", "memory:reed"]) == 2
+    assert "unknown scope(s) memory:reed" in capsys.readouterr().err
+    assert main(["auth", "token", "revoke", "nope"]) == 1
+    assert "auth token list" in capsys.readouterr().err
+    store = TokenStore(settings.home)
+    token, _ = store.create("alice", "memory:read")
+    assert store.lookup(token) is not None
+    assert store.lookup(token[:-1] + ("A" if token[-1] != "A" else "B")) is None  # one character off is refused
+
+
+def test_serving_a_public_address_without_auth_is_refused_unless_asked(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "memory", "--transport", "http", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "without authentication" in err and '[auth] mode = "tokens"' in err and "--insecure-no-auth" in err
+
+
+async def test_every_tool_of_every_server_declares_a_known_scope(settings: Settings) -> None:
+    settings.router.mount = []  # the router's own tools; mounted ones are checked by their servers
+    for name in serving.SERVER_NAMES:
+        server = serving.build(name, settings)
+        declared = server.hydrabrain_scopes.tools  # type: ignore[attr-defined]
+        async with Client(server, cache=None) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+        assert tools and not tools - set(declared), f"{name}: tools without a scope: {sorted(tools - set(declared))}"
+        assert set(declared.values()) <= set(SCOPES)
