@@ -21,6 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     disc.add_argument("--json", action="store_true", help="print the result as JSON")
     disc.set_defaults(func=_discover)
 
+    tries = sub.add_parser("attempts", help="every attempt at a finding or optimisation: change, commit, verdict, measurement")
+    tries.add_argument("id", help="a finding_id or optimization_id")
+    tries.add_argument("--json", action="store_true", help="print the history as JSON")
+    tries.set_defaults(func=_attempts)
+
     stat = sub.add_parser("status", help="findings, recent cycles and schedules")
     stat.add_argument("repo", nargs="?", help="limit to this repository")
     stat.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -102,4 +107,23 @@ def _status(args: argparse.Namespace) -> int:
             print(f"  {f.finding_id}  {f.status:<10}  {f.title}")
         for run in repo.runs:
             print(f"  run {run.run_id}: {run.status}" + (f" — {run.error}" if run.error else ""))
+    return 0
+
+
+def _attempts(args: argparse.Namespace) -> int:
+    from hydrabrain.servers.loop.core import LoopError
+
+    try:
+        result = _loop(args).attempts(args.id)
+    except LoopError as exc:
+        return _fail(exc)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+        return 0
+    print(f"{result.kind} {result.id}: {result.status}, {len(result.attempts)} attempt(s)")
+    for a in result.attempts:
+        best = "  <- best" if result.best is not None and a.number == result.best else ""
+        measured = f"  {a.measurement.mean:.6g} ± {a.measurement.stdev:.2g} (n={a.measurement.n})" if a.measurement else ""
+        commit = (a.commit_sha or "-")[:10]
+        print(f"  #{a.number:<3} {a.verdict:<12} {commit:<10}  {a.summary}{measured}{best}")
     return 0

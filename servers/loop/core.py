@@ -24,19 +24,23 @@ from hydrabrain.shared.config import Settings
 from hydrabrain.shared.telemetry import get_logger, log_event
 
 from . import discover as sources
+from . import feedback
 from .process import CommandNotFound, run_command
-from .store import ACTIVE, Finding, Run, Schedule, Store, Verdict, now
-from .verify import verify_worktree
+from .store import ACTIVE, Attempt, Finding, Run, Schedule, Store, Verdict, now
+from .memory_link import MemoryLink
+from .verify import Check, verify_worktree
 from .worktrees import (
     TASK_FILE,
     DirtyWorktree,
     GitError,
     WorktreeMissing,
     atomic_write,
+    attempt_ref,
     branch_exists,
     branch_for,
     changed_files,
     commit_all,
+    diffstat,
     ensure_worktree,
     exclude_task_file,
     fingerprint,
@@ -47,6 +51,7 @@ from .worktrees import (
     repo_root,
     repo_slug,
     require_clean,
+    set_ref,
 )
 
 log = get_logger("loop")
@@ -102,6 +107,18 @@ class VerifyResult(BaseModel):
     worktree: str | None = Field(None, description="Kept on FAIL for the next attempt; removed on PASS")
     result_commit: str | None = Field(None, description="On PASS, the commit on `branch` holding the change")
     test_log: str | None = None
+    attempt: int | None = Field(None, description="Which attempt this verdict is about (each is a commit on `branch`)")
+    attempts_left: int | None = Field(None, description="Attempts the budget (loop.max_attempts) still allows; 0 closes the finding")
+    feedback: str | None = Field(None, description="On FAIL: what the verifier saw (failing tests with their assertion lines, "
+                                 "scope violations, reviewer objections) and the earlier attempts; also written to the task file")
+
+
+class AttemptsResult(BaseModel):
+    id: str = Field(description="The finding_id or optimization_id")
+    kind: str = Field(description="finding or optimization")
+    status: str
+    attempts: list[Attempt] = Field(description="Oldest first; each commit is also kept under refs/loop/<id>/attempt-<n>")
+    best: int | None = Field(None, description="Optimisations: the number of the best valid attempt (0: the baseline)")
 
 
 class CycleReport(BaseModel):
@@ -170,6 +187,7 @@ class Loop:
         self.store = Store(self.home / "loop.db")
         self.worktree_root = (self.cfg.worktree_root or self.home / "worktrees").expanduser().resolve()
         self.stop = threading.Event()
+        self.memory = MemoryLink(settings)
         self._excluded: set[Path] = set()  # repos whose info/exclude already hides the task file
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -289,7 +307,8 @@ class Loop:
             self._excluded.add(root)
         task = worktree.path / TASK_FILE
         if not task.exists():
-            atomic_write(task, self._task_text(finding, worktree.path, branch))
+            lessons = self.memory.lessons(finding) if not self.store.attempts(finding.finding_id) else []
+            atomic_write(task, self._task_text(finding, worktree.path, branch, lessons))
         if (finding.worktree, finding.branch, finding.base_commit) != (str(worktree.path), branch, base) or finding.status == "open":
             self.store.update_finding(finding.finding_id, now(), worktree=str(worktree.path), branch=branch, base_commit=base,
                                       status="handed_off" if finding.status == "open" else finding.status)
@@ -298,9 +317,12 @@ class Loop:
         return Handoff(finding_id=finding.finding_id, path=str(worktree.path), branch=branch, task_file=str(task),
                        base_commit=base, created=worktree.created, recreated=worktree.recreated)
 
-    def _task_text(self, finding: Finding, path: Path, branch: str) -> str:
+    def _task_text(self, finding: Finding, path: Path, branch: str, lessons: list[str] | None = None) -> str:
+        """The task file: lessons from earlier findings first, then the problem, then what earlier attempts ran into."""
         command = sources.detect_test_command(path, self.cfg, Path(finding.repo))
-        lines = [
+        tried = self.store.attempts(finding.finding_id)
+        lines = [feedback.lessons_section(lessons)] if lessons else []
+        lines += [
             f"# {finding.title}",
             "",
             f"- finding: `{finding.finding_id}` ({finding.kind})",
@@ -324,6 +346,10 @@ class Loop:
             "````",
             "",
         ]
+        if tried:
+            left = max(0, self.cfg.max_attempts - finding.attempts)
+            lines += [f"Attempts so far: {len(tried)}; the budget allows {left} more (loop.max_attempts).", "",
+                      self._feedback_text(tried)]
         return "\n".join(lines)
 
     def _implement(self, finding: Finding, handoff: Handoff, log_dir: Path, budget: _Budget) -> str:
@@ -362,35 +388,103 @@ class Loop:
         previous = self.store.verdicts(finding.finding_id, 1)
         if previous and previous[0].fingerprint == print_:
             prior = previous[0]
+            tried = self.store.attempts(finding.finding_id)
             result = VerifyResult(finding_id=finding.finding_id, verdict=prior.verdict, reasons=prior.reasons, cached=True,
-                                  branch=finding.branch, worktree=str(worktree), test_log=prior.test_log)
+                                  branch=finding.branch, worktree=str(worktree), test_log=prior.test_log,
+                                  attempt=tried[-1].number if tried else None,
+                                  feedback=self._feedback_text(tried) if prior.verdict == "FAIL" else None)
             # A process killed between recording a verdict and acting on it finishes the job here.
             return self._settle(finding, root, worktree, result)
         log_dir = self._log_dir(run_id or f"verify-{int(time.time())}-{secrets.token_hex(3)}")
         check = verify_worktree(finding, worktree, finding.base_commit, self.settings, log_dir, budget.remaining())
         if check.test is not None:
             budget.spend(check.test.duration_s)
+        attempt = self._record_attempt(finding, worktree, check)
         self.store.add_verdict(Verdict(
-            finding_id=finding.finding_id, verdict=check.verdict, reasons=check.reasons, fingerprint=print_,  # type: ignore[arg-type]
+            finding_id=finding.finding_id, verdict=check.verdict, reasons=check.reasons,  # type: ignore[arg-type]
+            # Taken after the attempt's commit, which moves nothing the verdict is about, so an unchanged worktree stays cached.
+            fingerprint=fingerprint(worktree, finding.base_commit),
             test_exit=check.test.exit_code if check.test else None, test_log=str(check.test.log_path) if check.test else None,
             review=check.review, run_id=run_id, created=now(),
         ))
-        log_event(log, "verify", finding=finding.finding_id, verdict=check.verdict)
+        log_event(log, "verify", finding=finding.finding_id, verdict=check.verdict, attempt=attempt.number)
         result = VerifyResult(finding_id=finding.finding_id, verdict=check.verdict, reasons=check.reasons, branch=finding.branch,
-                              worktree=str(worktree), test_log=str(check.test.log_path) if check.test else None)
+                              worktree=str(worktree), test_log=str(check.test.log_path) if check.test else None,
+                              attempt=attempt.number,
+                              feedback=self._feedback_text(self.store.attempts(finding.finding_id)) if check.verdict == "FAIL" else None)
+        self.memory.record_attempt(finding, attempt)
         return self._settle(finding, root, worktree, result)
 
+    def _record_attempt(self, finding: Finding, worktree: Path, check: Check) -> Attempt:
+        """Commit what was verified as the next attempt on the finding's branch, with what the next try must know."""
+        tried = self.store.attempts(finding.finding_id)
+        number = (tried[-1].number if tried else 0) + 1
+        base = finding.base_commit or head(worktree)
+        changed = changed_files(worktree, base)
+        commit: str | None = None
+        summary = "no change"
+        if changed:
+            passed = check.verdict == "PASS"
+            title = f"loop: {finding.title}" if passed else f"loop: attempt {number} on {finding.title} (FAIL)"
+            commit = commit_all(worktree, f"{title}\n\nFinding {finding.finding_id}, attempt {number}, "
+                                          f"{'verified by the loop' if passed else 'rejected by the verifier'}.")
+            set_ref(worktree, attempt_ref(finding.finding_id, number), commit)
+            earlier = next((a.commit_sha for a in reversed(tried) if a.commit_sha), base)
+            summary = diffstat(worktree, earlier, commit) or f"no change since attempt {tried[-1].number}"
+        notes = "" if check.verdict == "PASS" else feedback.verifier_feedback(number, check.failures, check.scope,
+                                                                             check.objections, check.reasons)
+        return self.store.add_attempt(Attempt(
+            owner_id=finding.finding_id, number=number, verdict=check.verdict, commit_sha=commit,
+            summary=summary, changed=changed, reasons=check.reasons, feedback=notes, created=now(),
+        ))
+
+    def _feedback_text(self, tried: list[Attempt]) -> str:
+        last = tried[-1].feedback if tried else ""
+        return "\n".join(part for part in (last, feedback.history(tried)) if part)
+
     def _settle(self, finding: Finding, root: Path, worktree: Path, result: VerifyResult) -> VerifyResult:
-        """Act on a verdict, idempotently: PASS commits on the branch and removes the worktree, FAIL keeps it."""
+        """Act on a verdict, idempotently: PASS commits on the branch and removes the worktree; FAIL keeps it and
+        tells the next attempt what went wrong, until the attempt budget is spent."""
+        limit = self.cfg.max_attempts
         if result.verdict == "PASS":
             commit = commit_all(worktree, f"loop: {finding.title}\n\nFinding {finding.finding_id}, verified by the loop.")
             remove_worktree(root, worktree)
             self.store.update_finding(finding.finding_id, now(), status="passed", last_verdict="PASS", result_commit=commit,
                                       worktree=None, closed_reason="verified")
             result.result_commit, result.worktree = commit, None
-        elif not result.cached or finding.last_verdict != "FAIL":
-            self.store.update_finding(finding.finding_id, now(), status="failed", last_verdict="FAIL", attempts=finding.attempts + 1)
+            return result
+        spent = finding.attempts
+        if not result.cached or finding.last_verdict != "FAIL":
+            spent += 1
+            current = self.store.update_finding(finding.finding_id, now(), status="failed", last_verdict="FAIL", attempts=spent)
+            if worktree.is_dir():
+                task = worktree / TASK_FILE
+                opening = task.read_text(encoding="utf-8") if task.exists() else ""
+                kept = [line for line in opening.split("\n# ", 1)[0].splitlines() if line.startswith("- ")] \
+                    if opening.startswith(feedback.LESSONS_HEADING) else []
+                atomic_write(task, self._task_text(current, worktree, finding.branch or "", kept))
+        result.attempts_left = max(0, limit - spent)
+        if spent >= limit:
+            why = (f"gave up after {spent} failed attempts (loop.max_attempts = {limit}); every attempt is a commit on "
+                   f"branch {finding.branch}, also under refs/loop/{finding.finding_id}/attempt-<n>")
+            remove_worktree(root, worktree)
+            self.store.update_finding(finding.finding_id, now(), status="closed", worktree=None, closed_reason=why)
+            result.worktree = None
+            result.reasons = [*result.reasons, why]
         return result
+
+    # --- attempts ----------------------------------------------------------------------------
+
+    def attempts(self, owner_id: str) -> AttemptsResult:
+        """Every attempt at a finding or an optimisation target, with what changed and what it caused."""
+        finding = self.store.finding(owner_id)
+        if finding is not None:
+            return AttemptsResult(id=owner_id, kind="finding", status=finding.status, attempts=self.store.attempts(owner_id))
+        opt = self.store.optimization(owner_id)
+        if opt is not None:
+            return AttemptsResult(id=owner_id, kind="optimization", status=opt.status, attempts=self.store.attempts(owner_id),
+                                  best=opt.best_number)
+        raise UnknownFinding(f"no finding or optimisation {owner_id!r}; discover(repo) and status(repo) list their ids")
 
     # --- close -------------------------------------------------------------------------------
 

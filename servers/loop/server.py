@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.serving import new_server
 
-from .core import CycleReport, DiscoverResult, Handoff, Loop, LoopError, StatusResult, VerifyResult
+from .core import AttemptsResult, CycleReport, DiscoverResult, Handoff, Loop, LoopError, StatusResult, VerifyResult
 from .process import CommandNotFound
 from .schedule import Scheduler
 from .store import Finding, Schedule
@@ -33,7 +33,8 @@ commits), each with a stable finding_id. handoff(finding_id) gives that finding 
 task file; make the change there, not in the main checkout. verify(finding_id) is an independent check that assumes the
 change is broken: it runs the repo's tests in the worktree, checks the diff stays in scope, and asks a skeptical
 reviewer when an LLM provider is configured. PASS commits the change on the finding's branch and removes the worktree;
-FAIL keeps the worktree for another try. run_once(repo) does a whole cycle; schedule(repo, ...) repeats cycles."""
+FAIL keeps the worktree for another try and says what the verifier saw (also in the task file); attempts(id) lists
+every try. run_once(repo) does a whole cycle; schedule(repo, ...) repeats cycles."""
 
 T = TypeVar("T")
 RepoArg = Annotated[str, Field(description="Path of the git repository (its top folder or any folder inside it)")]
@@ -100,6 +101,13 @@ def build_server(settings: Settings) -> MCPServer[Any]:
     async def verify(finding_id: FindingArg, ctx: Context) -> VerifyResult:
         """Independently check the change in a finding's worktree (tests, scope, skeptical review): PASS or FAIL with reasons."""
         return await _off_thread(_state(ctx).loop.verify, finding_id)
+
+    @server.tool()
+    async def attempts(
+        finding_id: Annotated[str, Field(description="A finding_id, or an optimization_id from optimize or status")], ctx: Context
+    ) -> AttemptsResult:
+        """Every attempt at a finding or optimisation target: what changed, its commit, the verdict or measurement, the feedback."""
+        return await _off_thread(_state(ctx).loop.attempts, finding_id)
 
     @server.tool()
     async def close(

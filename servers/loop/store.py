@@ -82,6 +82,35 @@ CREATE TABLE IF NOT EXISTS verdicts (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS verdicts_finding ON verdicts(finding_id, verdict_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    owner_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    verdict TEXT NOT NULL,
+    commit_sha TEXT,
+    fingerprint TEXT,
+    summary TEXT NOT NULL DEFAULT '',
+    changed TEXT NOT NULL DEFAULT '[]',
+    reasons TEXT NOT NULL DEFAULT '[]',
+    feedback TEXT NOT NULL DEFAULT '',
+    measurement TEXT,
+    config TEXT,
+    created REAL NOT NULL,
+    PRIMARY KEY (owner_id, number)
+);
+CREATE TABLE IF NOT EXISTS optimizations (
+    optimization_id TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    target TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    worktree TEXT,
+    base_commit TEXT NOT NULL,
+    best_number INTEGER,
+    stopped TEXT,
+    started REAL NOT NULL,
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS schedules (
     repo TEXT PRIMARY KEY,
     every_seconds REAL,
@@ -126,6 +155,45 @@ class Verdict(BaseModel):
     review: str | None = None
     run_id: str | None = None
     created: float = 0.0
+
+
+class Measurement(BaseModel):
+    values: list[float] = Field(description="The metric from each repeat of the benchmark")
+    mean: float
+    stdev: float = Field(description="Sample standard deviation over the repeats: the noise")
+    n: int
+
+
+class Attempt(BaseModel):
+    """One try at a finding or an optimisation target: what changed, what the verifier or the benchmark said."""
+
+    owner_id: str = Field(description="The finding_id (or optimization_id) this attempt belongs to")
+    number: int = Field(description="1, 2, ...; 0 is an optimisation's unchanged baseline")
+    verdict: str = Field(description="PASS / FAIL for a finding; baseline, gain, within noise, worse or invalid for a target")
+    commit_sha: str | None = Field(None, description="The commit holding this attempt (ref refs/loop/<owner>/<number>); None when nothing changed")
+    fingerprint: str | None = None
+    summary: str = Field("", description="What this attempt changed")
+    changed: list[str] = Field(default_factory=list, description="Files changed against the base commit")
+    reasons: list[str] = Field(default_factory=list)
+    feedback: str = Field("", description="What the next attempt is told about this one (markdown)")
+    measurement: Measurement | None = None
+    config: dict[str, Any] | None = Field(None, description="Search parameters this attempt tried")
+    created: float = 0.0
+
+
+class Optimization(BaseModel):
+    optimization_id: str
+    repo: str
+    target: str = Field(description="The target's name")
+    spec: dict[str, Any] = Field(description="The target as it was loaded when the optimisation started")
+    status: str = Field(description="running, done or failed")
+    branch: str
+    worktree: str | None = None
+    base_commit: str
+    best_number: int | None = Field(None, description="The best valid attempt so far (0: the baseline)")
+    stopped: str | None = Field(None, description="Why it stopped")
+    started: float
+    updated: float
 
 
 class Step(BaseModel):
@@ -268,7 +336,8 @@ class Store:
 
     def repos(self) -> list[str]:
         with self._db() as db:
-            rows = db.execute("SELECT repo FROM findings UNION SELECT repo FROM runs UNION SELECT repo FROM schedules").fetchall()
+            rows = db.execute("SELECT repo FROM findings UNION SELECT repo FROM runs UNION SELECT repo FROM schedules"
+                              " UNION SELECT repo FROM optimizations").fetchall()
         return sorted(r["repo"] for r in rows)
 
     # --- runs and steps ---------------------------------------------------------------------
@@ -358,6 +427,70 @@ class Store:
             data.pop("verdict_id")
             out.append(Verdict(**data))
         return out
+
+    # --- attempts ---------------------------------------------------------------------------
+
+    def add_attempt(self, attempt: Attempt) -> Attempt:
+        """Record an attempt; recording the same number twice keeps the first (a resumed step repeats itself)."""
+        with self._db() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO attempts (owner_id, number, verdict, commit_sha, fingerprint, summary, changed, reasons,"
+                " feedback, measurement, config, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (attempt.owner_id, attempt.number, attempt.verdict, attempt.commit_sha, attempt.fingerprint, attempt.summary,
+                 json.dumps(attempt.changed), json.dumps(attempt.reasons), attempt.feedback,
+                 attempt.measurement.model_dump_json() if attempt.measurement else None,
+                 json.dumps(attempt.config) if attempt.config is not None else None, attempt.created),
+            )
+        return attempt
+
+    def attempts(self, owner_id: str) -> list[Attempt]:
+        """Every attempt of a finding or optimisation, oldest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM attempts WHERE owner_id = ? ORDER BY number", (owner_id,)).fetchall()
+        out = []
+        for r in rows:
+            data = dict(r)
+            for name in ("changed", "reasons", "measurement", "config"):
+                if data[name] is not None:
+                    data[name] = json.loads(data[name])
+            out.append(Attempt(**data))
+        return out
+
+    def drop_attempts(self, owner_id: str) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM attempts WHERE owner_id = ?", (owner_id,))
+
+    # --- optimisations ----------------------------------------------------------------------
+
+    def save_optimization(self, opt: Optimization) -> Optimization:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO optimizations (optimization_id, repo, target, spec, status, branch, worktree, base_commit, best_number,"
+                " stopped, started, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(optimization_id) DO UPDATE SET spec = excluded.spec, status = excluded.status,"
+                " branch = excluded.branch, worktree = excluded.worktree, base_commit = excluded.base_commit,"
+                " best_number = excluded.best_number, stopped = excluded.stopped, started = excluded.started,"
+                " updated = excluded.updated",
+                (opt.optimization_id, opt.repo, opt.target, json.dumps(opt.spec), opt.status, opt.branch, opt.worktree,
+                 opt.base_commit, opt.best_number, opt.stopped, opt.started, opt.updated),
+            )
+        return opt
+
+    def optimization(self, optimization_id: str) -> Optimization | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM optimizations WHERE optimization_id = ?", (optimization_id,)).fetchone()
+        return self._optimization(row) if row else None
+
+    def optimizations(self, repo: str) -> list[Optimization]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM optimizations WHERE repo = ? ORDER BY target", (repo,)).fetchall()
+        return [self._optimization(r) for r in rows]
+
+    @staticmethod
+    def _optimization(row: sqlite3.Row) -> Optimization:
+        data = dict(row)
+        data["spec"] = json.loads(data["spec"])
+        return Optimization(**data)
 
     # --- schedules --------------------------------------------------------------------------
 

@@ -59,6 +59,10 @@ class Check:
     reasons: list[str] = field(default_factory=list)
     test: CommandResult | None = None
     review: str | None = None
+    # What the next attempt is told: failing test id -> its failure text, scope violations, reviewer objections.
+    failures: dict[str, str] = field(default_factory=dict)
+    scope: list[str] = field(default_factory=list)
+    objections: list[str] = field(default_factory=list)
 
 
 def in_globs(path: str, globs: list[str]) -> bool:
@@ -78,10 +82,13 @@ def scope_problems(finding: Finding, changed: list[str], max_files: int) -> list
     return problems
 
 
-def run_tests(finding: Finding, worktree: Path, settings: Settings, log_dir: Path, budget_s: float) -> tuple[CommandResult | None, list[str]]:
+def run_tests(
+    finding: Finding, worktree: Path, settings: Settings, log_dir: Path, budget_s: float
+) -> tuple[CommandResult | None, list[str], dict[str, str]]:
+    """The repo's tests in the worktree: (result, reasons, failing test id -> failure text)."""
     command = detect_test_command(worktree, settings.loop, Path(finding.repo))
     if command is None:
-        return None, ["no test command is configured or detectable, so nothing shows the change works — set loop.test_command"]
+        return None, ["no test command is configured or detectable, so nothing shows the change works — set loop.test_command"], {}
     junit = log_dir / f"junit-verify-{finding.finding_id}.xml"
     junit.unlink(missing_ok=True)
     result = run_command(with_junit(command, junit), cwd=worktree, log_path=log_dir / f"verify-{finding.finding_id}.log",
@@ -89,6 +96,10 @@ def run_tests(finding: Finding, worktree: Path, settings: Settings, log_dir: Pat
     reasons = []
     cases = junit_cases(junit) if junit.exists() else {}
     label = " ".join(command)
+    failures = {t: text for t, (failed, _, text) in cases.items() if failed}
+    if not result.ok and not failures:
+        # No report to read (not pytest, or it died before writing one): the output's tail is all there is.
+        failures = {"<test command>": result.tail(1500)}
     if result.ok:
         reasons.append(f"tests pass: {result.describe(label)}" + (f" ({len(cases)} test cases)" if cases else ""))
     else:
@@ -97,8 +108,7 @@ def run_tests(finding: Finding, worktree: Path, settings: Settings, log_dir: Pat
         reasons.append(f"tests fail: {result.describe(label)}{detail}")
     if finding.kind == "failing_test" and not finding.key.startswith("<") and cases and finding.key not in cases:
         reasons.append(f"the originally failing test {finding.key} no longer runs — deleting or renaming a test is not a fix")
-        return result, reasons
-    return result, reasons
+    return result, reasons, failures
 
 
 def review(finding: Finding, worktree: Path, base: str, settings: Settings, tests: str) -> tuple[str | None, list[str]]:
@@ -141,6 +151,7 @@ def verify_worktree(finding: Finding, worktree: Path, base: str, settings: Setti
     """Run every check and return PASS only when none of them objects."""
     reasons: list[str] = []
     failed = False
+    problems: list[str] = []
     changed = changed_files(worktree, base)
     if not changed:
         failed = True
@@ -149,10 +160,11 @@ def verify_worktree(finding: Finding, worktree: Path, base: str, settings: Setti
         problems = scope_problems(finding, changed, settings.loop.max_changed_files)
         failed |= bool(problems)
         reasons.extend(problems or [f"scope ok: {len(changed)} file(s) changed ({', '.join(changed[:5])})"])
-    test, test_reasons = run_tests(finding, worktree, settings, log_dir, budget_s)
+    test, test_reasons, failures = run_tests(finding, worktree, settings, log_dir, budget_s)
     reasons.extend(test_reasons)
     failed |= test is None or not test.ok or any("no longer runs" in r for r in test_reasons)
     review_text = None
+    objections: list[str] = []
     if settings.loop.reviewer and changed and not failed:
         # Only a change that survived the mechanical checks is worth a paid review.
         opinion, review_reasons = review(finding, worktree, base, settings, test_reasons[0])
@@ -160,4 +172,8 @@ def verify_worktree(finding: Finding, worktree: Path, base: str, settings: Setti
             review_text = "\n".join(review_reasons)
             reasons.extend(review_reasons)
             failed |= opinion != "PASS"
-    return Check("FAIL" if failed else "PASS", reasons, test, review_text)
+            if opinion != "PASS":
+                objections = review_reasons
+    if test_reasons and "no longer runs" in test_reasons[-1]:
+        problems = [*problems, test_reasons[-1]]
+    return Check("FAIL" if failed else "PASS", reasons, test, review_text, failures, problems, objections)

@@ -224,3 +224,21 @@ def commit_all(worktree: Path, message: str) -> str:
     if git(["diff", "--cached", "--name-only"], worktree).strip():
         git([*IDENTITY, "commit", "-q", "-m", message], worktree)
     return head(worktree)
+
+
+def attempt_ref(owner_id: str, number: int) -> str:
+    """Every attempt keeps a ref, so it can be inspected or restored even after its branch moves on."""
+    return f"refs/loop/{owner_id}/attempt-{number}"
+
+
+def set_ref(cwd: Path, ref: str, commit: str) -> None:
+    git(["update-ref", ref, commit], cwd)
+
+
+def diffstat(cwd: Path, old: str, new: str) -> str:
+    """'calc.py +1 -1, util.py +4 -0' between two commits; '' when they hold the same tree."""
+    parts = []
+    for line in git(["diff", "--numstat", "--no-renames", old, new], cwd).splitlines():
+        added, deleted, name = line.split("\t", 2)
+        parts.append(f"{name} +{added} -{deleted}" if added != "-" else f"{name} (binary)")
+    return ", ".join(parts)

@@ -142,6 +142,12 @@ def kit() -> type[Kit]:
 
 
 @pytest.fixture(autouse=True)
+def no_memory_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lessons need the memory server and its embedding model; only the tests about lessons turn it on."""
+    monkeypatch.setenv("HYDRABRAIN_LOOP_MEMORY", "off")
+
+
+@pytest.fixture(autouse=True)
 def no_llm_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain mode unless a test configures a provider itself: a key in the shell must not reach a paid API."""
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "GITHUB_TOKEN"):

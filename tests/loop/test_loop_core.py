@@ -384,7 +384,7 @@ def test_a_verdict_recorded_just_before_a_crash_is_acted_on_by_the_next_verify(m
     def die(*args, **kwargs):
         raise SystemExit("killed")
 
-    monkeypatch.setattr(core, "commit_all", die)
+    monkeypatch.setattr(core, "remove_worktree", die)
     with pytest.raises(SystemExit):
         loop.verify(finding.finding_id)
     assert loop.store.finding(finding.finding_id).status == "handed_off"  # the verdict is stored, not yet acted on

@@ -25,7 +25,7 @@ async def test_the_contract_tools_take_a_failing_test_from_discovery_to_a_verifi
     repo = make_repo()
     async with Client(build_server(settings)) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {"discover", "handoff", "verify", "close", "run_once", "schedule", "status"}
+        assert tools == {"discover", "handoff", "verify", "attempts", "close", "run_once", "schedule", "status"}
 
         found = await _call(client, "discover", repo=str(repo))
         finding = next(f for f in found["findings"] if f["kind"] == "failing_test")
@@ -34,9 +34,13 @@ async def test_the_contract_tools_take_a_failing_test_from_discovery_to_a_verifi
 
         failed = await _call(client, "verify", finding_id=finding["finding_id"])
         assert failed["verdict"] == "FAIL" and Path(handoff["path"]).is_dir()
+        assert "assert -1 == 5" in failed["feedback"] and failed["attempts_left"] == 4
         Path(handoff["path"], "calc.py").write_text(kit.fixed)
         passed = await _call(client, "verify", finding_id=finding["finding_id"])
         assert passed["verdict"] == "PASS" and passed["result_commit"]
+        tried = await _call(client, "attempts", finding_id=finding["finding_id"])
+        assert [a["verdict"] for a in tried["attempts"]] == ["FAIL", "PASS"]
+        assert tried["attempts"][1]["commit_sha"] == passed["result_commit"]
 
         page = await client.read_resource(f"loop://findings/{finding['finding_id']}")
         detail = json.loads(page.contents[0].text)
@@ -102,6 +106,8 @@ def test_the_command_line_runs_one_cycle_and_shows_status(make_repo, capsys):
     assert "handed_off" in capsys.readouterr().out
     assert main(["loop", "run-once", str(repo.parent)]) == 1
     assert "not a git repository" in capsys.readouterr().err
+    assert main(["loop", "attempts", "f-000000000000"]) == 1
+    assert "no finding or optimisation" in capsys.readouterr().err
 
 
 async def test_the_demo_shows_fail_then_pass_over_stdio(settings):
