@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import ProtectedResourceMetadata
+from mcp.shared.exceptions import MCPError
 
 from hydrabrain.servers.cli import main
 from hydrabrain.shared import serving
@@ -279,3 +280,28 @@ async def test_every_tool_of_every_server_declares_a_known_scope(settings: Setti
             tools = {t.name for t in (await client.list_tools()).tools}
         assert tools and not tools - set(declared), f"{name}: tools without a scope: {sorted(tools - set(declared))}"
         assert set(declared.values()) <= set(SCOPES)
+
+
+async def test_through_the_router_a_call_is_allowed_exactly_when_the_direct_call_would_be(settings: Settings, idp: IdentityProvider) -> None:
+    jwt_settings(settings, idp)
+    settings.router.mount = ["memory"]
+    with served(settings, "router") as url:
+        aud = f"{url}/mcp"
+        async with as_user(url, idp.token("bob", "memory:read memory:write", aud)) as client:
+            started = await client.call_tool("memory_start_session", {"task": "notes"})
+            assert not started.is_error and started.structured_content["user"] == "bob"
+            sid = started.structured_content["session_id"]
+            assert not (await client.call_tool("memory_remember", {"session_id": sid, "text": "Bob's locker code is 4711."})).is_error
+        async with as_user(url, idp.token("alice", "memory:read memory:write router:complete", aud)) as client:
+            own = await client.call_tool("memory_recall", {"query": "locker code"})
+            assert not own.is_error and "4711" not in json.dumps(own.structured_content)
+            posing = await client.call_tool("memory_recall", {"query": "locker code", "user": "bob"})
+            assert posing.is_error and "'admin' scope" in text(posing)
+            with pytest.raises(Exception, match="admin"):
+                await client.read_resource("memory://user/bob/facts")
+            with pytest.raises(Exception, match="admin"):
+                await client.read_resource(f"memory://session/{sid}")
+        async with as_user(url, idp.token("carol", "router:complete", aud)) as client:
+            # the memory server refuses it, as it would refuse carol's token directly
+            with pytest.raises(MCPError, match="'memory:write' scope"):
+                await client.call_tool("memory_start_session", {})
