@@ -121,7 +121,7 @@ class _Body(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -366,8 +366,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256, default_kv_budget: int | None = None,
-              default_kv_policy: str | None = None) -> Starlette:
-    """The Starlette app serving ``engine`` as ``model_id``; the engine thread runs while the app does."""
+              default_kv_policy: str | None = None, token_verifier: Any = None, required_scope: str = "router:complete",
+              max_body_bytes: int = 4_000_000) -> _Guard:
+    """The Starlette app serving ``engine`` as ``model_id``; the engine thread runs while the app does.
+
+    With a `token_verifier` (anything with ``async verify_token(token) -> AccessToken | None``, the
+    suite's `[auth]` verifiers), every /v1 request needs ``Authorization: Bearer`` with
+    `required_scope` (OpenAI clients send their API key that way). Bodies over `max_body_bytes` get
+    413 before anything is parsed or tokenised.
+    """
     worker = AsyncEngine(engine)
     state = BackendState(worker, tokenizer, model_id, default_max_tokens, default_kv_budget, default_kv_policy, int(time.time()))
 
@@ -390,7 +397,61 @@ def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_toke
         lifespan=lifespan,
     )
     app.state.backend = state
-    return app
+    return _Guard(app, token_verifier, required_scope, max_body_bytes)  # type: ignore[return-value]
+
+
+class _Guard:
+    """ASGI: the bearer check and the body limit, in OpenAI's error shape, before any route runs."""
+
+    def __init__(self, app: Starlette, verifier: Any, scope: str, max_body: int) -> None:
+        self.app, self.verifier, self.scope, self.max_body = app, verifier, scope, max_body
+        self.state = app.state  # tests and the CLI reach the backend state through the app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.verifier is not None:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            access = await self.verifier.verify_token(token) if token else None
+            if access is None or (access.expires_at and access.expires_at < time.time()):
+                await self._error(send, 401, "a valid API key is needed: send `Authorization: Bearer <token>` ([auth] in hydrabrain.toml says which tokens)",
+                                  "invalid_api_key", b'Bearer realm="hydrabrain-backend"')
+                return
+            if self.scope not in access.scopes and "admin" not in access.scopes:
+                await self._error(send, 403, f"this token lacks the '{self.scope}' scope the backend needs", "insufficient_scope",
+                                  f'Bearer error="insufficient_scope", scope="{self.scope}"'.encode())
+                return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await self._error(send, 413, f"the request body is over {self.max_body} bytes", "request_too_large")
+            return
+        if length is None and scope.get("method") == "POST":
+            receive = self._bounded(receive, send)
+        await self.app(scope, receive, send)
+
+    def _bounded(self, receive: Any, send: Any) -> Any:
+        seen = 0
+
+        async def bounded() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise APIError(413, f"the request body is over {self.max_body} bytes", code="request_too_large")
+            return message
+
+        return bounded
+
+    async def _error(self, send: Any, status: int, message: str, code: str, challenge: bytes | None = None) -> None:
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if challenge:
+            headers.append((b"www-authenticate", challenge))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, prefill_chunk: int = 256, compaction_interval: int = 128,

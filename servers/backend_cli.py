@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="16-token blocks in the KV pool (default 2048)")
     serve.add_argument("--max-batch", type=int, default=None, metavar="N", help="sequences decoded together (default: backend.max_batch)")
     serve.add_argument("--name", default=None, help="model id clients send (default: the --model value)")
+    serve.add_argument("--insecure-no-auth", action="store_true", help="serve a non-loopback address without [auth] (logs a warning)")
     serve.set_defaults(func=_serve)
     backend.set_defaults(func=lambda args: (backend.print_help(), 2)[1])
 
@@ -45,6 +46,16 @@ def _serve(args: argparse.Namespace) -> int:
     budget = args.kv_budget if args.kv_budget is not None else cfg.kv_budget_tokens
     policy = args.kv_policy or cfg.kv_policy
 
+    from hydrabrain.shared import auth
+
+    try:
+        auth.check_bind(host, settings.auth, insecure_no_auth=args.insecure_no_auth, what="the inference backend")
+    except ValueError as exc:
+        print(f"hydrabrain backend: {exc}", file=sys.stderr)
+        return 2
+    if settings.auth.public_url is None:
+        settings.auth.public_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    verifier = auth.token_verifier(settings, path="/v1")  # the same [auth] modes as the MCP servers; scope router:complete
     from hydrabrain.inference import api
     from hydrabrain.inference.engine import RequestRejected
     from hydrabrain.inference.models import ModelNotFound
@@ -73,7 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
     if budget is not None and budget < engine.sinks + engine.recent:
         print(f"hydrabrain backend: --kv-budget must be at least {engine.sinks + engine.recent} tokens", file=sys.stderr)
         return 2
-    app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget, default_kv_policy=policy)
+    app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget, default_kv_policy=policy,
+                        token_verifier=verifier, max_body_bytes=settings.auth.max_body_bytes)
     print(f"hydrabrain backend: serving {args.name or model} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     api.serve(app, host, port)
     return 0

@@ -138,3 +138,32 @@ def test_a_compacted_request_reports_its_policy_and_its_peak_and_steady_kv_in_th
     assert kv["bytes_steady"] <= (64 + 64 + 128) // 16 * per_block + per_block
     plain = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).json()
     assert "kv" not in plain["usage"]  # no budget, no compaction to report
+
+
+def test_a_huge_seed_and_an_oversized_body_get_clear_4xx_errors(backend):
+    client, _ = backend
+    seeded = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": 2**64})
+    assert seeded.status_code == 400 and seeded.json()["error"]["param"] == "seed"
+    huge = client.post("/v1/completions", content=b'{"model": "tiny-llama", "prompt": "' + b"a" * 4_100_000 + b'"}',
+                       headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+
+
+def test_with_api_tokens_the_backend_wants_a_bearer_key_with_the_completion_scope(tiny, settings):
+    from hydrabrain.shared.auth import StoreTokenVerifier, TokenStore
+
+    store = TokenStore(settings.home)
+    good, _ = store.create("alice", "router:complete")
+    reader, _ = store.create("bob", "memory:read")
+    engine = Engine(tiny.runner, tiny.tokenizer, num_blocks=64, stats=tiny.stats, prefill_chunk=64, recent=32)
+    app = build_app(engine, tiny.tokenizer, MODEL, default_max_tokens=4, token_verifier=StoreTokenVerifier(store))
+    with served(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        request = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+        missing = client.post("/v1/completions", json=request)
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert client.post("/v1/completions", json=request, headers={"Authorization": "Bearer hbt_nope_nope"}).status_code == 401
+        scoped = client.post("/v1/completions", json=request, headers={"Authorization": f"Bearer {reader}"})
+        assert scoped.status_code == 403 and "router:complete" in scoped.json()["error"]["message"]
+        ok = client.post("/v1/completions", json=request, headers={"Authorization": f"Bearer {good}"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
