@@ -160,6 +160,9 @@ class Wiki:
             if fetched.content_type in {"text/html", "application/xhtml+xml"} and fetched.text.strip():
                 name = fetched.text.strip().splitlines()[0][:80]  # the page's <title>, which cleaning puts first
             return fetched.text, fetched.url, name
+        odd = re.match(r"^([a-z][a-z0-9+.-]*):(//)?\S*$", stripped, re.I)
+        if odd and "\n" not in stripped and (odd.group(2) or odd.group(1).lower() in {"file", "data", "javascript", "ftp", "gopher"}):
+            raise ValueError(f"only http(s) URLs are fetched, not {odd.group(1)}: URLs; pass a file path, an http(s) URL, or the text itself")
         if _looks_like_path(stripped):
             roots = self.config.allowed_roots or [Path.cwd()]
             try:
@@ -168,6 +171,9 @@ class Wiki:
                 if "does not exist" in str(exc):
                     raise FileNotFoundError(f"no file at {stripped}; pass an existing file path, a URL, or the text itself") from None
                 raise
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                shown = stripped if len(stripped) <= 80 else stripped[:77] + "..."
+                raise FileNotFoundError(f"no file at {shown} ({exc.strerror}); pass an existing file path, a URL, or the text itself") from None
             if not path.is_file():
                 raise ValueError(f"{stripped} is not a file; `hydrabrain wiki ingest` takes folders")
             size = path.stat().st_size
@@ -212,7 +218,9 @@ class Wiki:
                 if progress:
                     progress(1)
             if staged:
-                self._index_chunks([(info, text) for info, text, _ in staged])
+                chunks = self._index_chunks([(info, text) for info, text, _ in staged])
+                for info, _, result in staged:
+                    result.chunks = chunks.get(info.id, 0)
                 created, updated = self._compile([info for info, _, _ in staged])
                 for info, _, result in staged:
                     mine = {info.id} | {k for k, _, _ in info.terms}
@@ -261,15 +269,19 @@ class Wiki:
         status = "updated" if existing else "created"
         return IngestResult(source_id=source_id, title=title, status=status, chunks=0, warnings=warnings, injection_flags=flags), info, text, paths
 
-    def _index_chunks(self, staged: Sequence[tuple[SourceInfo, str]]) -> None:
+    def _index_chunks(self, staged: Sequence[tuple[SourceInfo, str]]) -> dict[str, int]:
+        """Index each source's chunks (replacing its old ones); the number of chunks per source id."""
         items = []
+        counts: dict[str, int] = {}
         for info, text in staged:
             self._drop_items({"kind": "chunk", "source_id": info.id})
             for n, piece in enumerate(split_chunks(comp.source_body(text))):
                 payload = {"kind": "chunk", "source_id": info.id, "title": info.title, "injection": bool(info.injection_flags)}
                 items.append((f"chunk:{info.id}:{n}", f"{info.title}\n\n{piece}", payload))
+                counts[info.id] = n + 1
             self._graph_node(f"source:{info.id}", "Source", {"title": info.title, "version": info.version}, refresh=True)
         self.retriever.index(items)
+        return counts
 
     def _drop_items(self, where: dict[str, str]) -> None:
         """Remove the indexed items matching `where`, found through the vector store's payload index:
@@ -663,9 +675,15 @@ class Wiki:
 
 
 def _looks_like_path(text: str) -> bool:
-    if "\n" in text or len(text) > 1024:
+    """Whether `source` names a file; never raises, whatever the text (a long line is not a file name)."""
+    if "\n" in text or "\x00" in text or len(text) > 1024:
         return False
-    return text.startswith(("/", "./", "../", "~")) or bool(re.search(r"\.(md|markdown|txt|rst|html?)$", text, re.I)) or Path(text).exists()
+    if text.startswith(("/", "./", "../", "~")) or re.search(r"\.(md|markdown|txt|rst|html?)$", text, re.I):
+        return True
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a name too long for the file system, or otherwise impossible, is text
+        return False
 
 
 def _check_query(query: str, k: int) -> None:

@@ -225,3 +225,35 @@ async def test_the_ingest_tool_takes_raw_text_and_reports_injection_as_data(serv
     assert "injection_flags" in page
     assert "outside the allowed folders" in error_text(refused)
     assert json.loads(json.dumps(result))  # plain JSON for any client
+
+
+@pytest.mark.anyio
+async def test_a_long_one_line_text_is_ingested_as_text_with_its_chunks_counted(settings: Settings) -> None:
+    line = "The Kestrel queue retries a failed delivery four times with exponential backoff before parking it. " * 4
+    async with Client(build_server(settings)) as client:
+        result = data(await client.call_tool("ingest", {"source": line.strip(), "title": "Kestrel retries"}))
+        found = data(await client.call_tool("search", {"query": "How often does Kestrel retry a delivery?"}))
+    assert len(line) > 300 and result["status"] == "created" and result["chunks"] >= 1
+    assert any(hit["kind"] == "chunk" and "kestrel-retries" in hit["source_ids"] for hit in found["hits"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("", "source is empty"),
+        ("   \n\t ", "source is empty"),
+        ("nul\x00inside a note", "NUL"),
+        ("x" * 5000 + "\x00", "NUL"),
+        ("file:///etc/passwd", "only http(s) URLs"),
+        ("ftp://example.com/notes.txt", "only http(s) URLs"),
+        ("a" * 300 + ".md", "no file at"),
+    ],
+)
+async def test_bad_ingest_input_gets_a_clear_error_and_writes_nothing(settings: Settings, source: str, says: str) -> None:
+    async with Client(build_server(settings)) as client:
+        before = (await client.read_resource("wiki://log")).contents[0].text
+        result = await client.call_tool("ingest", {"source": source})
+        after = (await client.read_resource("wiki://log")).contents[0].text
+    assert says in error_text(result)
+    assert before == after
