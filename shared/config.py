@@ -169,6 +169,7 @@ class LoopConfig(Section):
     reviewer: bool = Field(True, description="Ask the configured LLM for a skeptical review during verify (needs a provider)")
     max_attempts: int = Field(5, ge=1, description="Attempts per finding before it is closed as too hard; each attempt is a commit on its branch")
     memory: str = Field("suite", description="Where attempts, outcomes and lessons go: suite (the memory server, in process), off, or a running memory server's URL")
+    targets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Optimisation targets by name (benchmark, metric, direction, test, scope, search); a repo's own hydrabrain.toml may hold them too")
 
 
 class BackendConfig(Section):

@@ -21,6 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     disc.add_argument("--json", action="store_true", help="print the result as JSON")
     disc.set_defaults(func=_discover)
 
+    opt = sub.add_parser("optimize", help="improve a benchmark metric of REPO by measured attempts (resumes an unfinished run)")
+    opt.add_argument("repo", help="path of the git repository")
+    opt.add_argument("target", help="a target name from [loop.targets] in the repo's hydrabrain.toml, or a target .toml file")
+    opt.add_argument("--implementer", choices=["auto", "search", "agent"], default="auto",
+                     help="search: built-in search over the target's parameters; agent: loop.implementer_command")
+    opt.add_argument("--max-attempts", type=int, default=None, help="measure at most this many attempts now; run again to resume")
+    opt.add_argument("--fresh", action="store_true", help="start over from HEAD")
+    opt.add_argument("--json", action="store_true", help="print the result as JSON")
+    opt.set_defaults(func=_optimize)
+
     tries = sub.add_parser("attempts", help="every attempt at a finding or optimisation: change, commit, verdict, measurement")
     tries.add_argument("id", help="a finding_id or optimization_id")
     tries.add_argument("--json", action="store_true", help="print the history as JSON")
@@ -107,6 +117,39 @@ def _status(args: argparse.Namespace) -> int:
             print(f"  {f.finding_id}  {f.status:<10}  {f.title}")
         for run in repo.runs:
             print(f"  run {run.run_id}: {run.status}" + (f" — {run.error}" if run.error else ""))
+        for target in repo.targets:
+            print(f"  target {_target_line(target)}")
+    return 0
+
+
+def _target_line(t) -> str:  # noqa: ANN001 - TargetStatus, imported lazily
+    best = t.best
+    line = f"{t.target} ({t.optimization_id}): {t.status}, {t.attempts} attempt(s)"
+    if t.baseline is not None:
+        line += f"; baseline {t.metric} {t.baseline.mean:.6g} ± {t.baseline.stdev:.2g}"
+    if best is not None and best.measurement is not None and best.number > 0:
+        gain = f", {t.gain:+.2%} against the baseline" if t.gain is not None else ""
+        line += f"; best #{best.number} {best.measurement.mean:.6g} ± {best.measurement.stdev:.2g} ({best.summary}{gain})"
+    elif best is not None:
+        line += "; nothing beat the baseline"
+    return line + (f"; stopped: {t.stopped}" if t.stopped else "")
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from hydrabrain.servers.loop.core import LoopError
+    from hydrabrain.servers.loop.process import CommandNotFound
+    from hydrabrain.servers.loop.targets import TargetError
+    from hydrabrain.servers.loop.worktrees import GitError
+
+    try:
+        result = _loop(args).optimize(args.repo, args.target, args.implementer, args.max_attempts, args.fresh)
+    except (LoopError, GitError, TargetError, CommandNotFound) as exc:
+        return _fail(exc)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+        return 0
+    print(_target_line(result))
+    print(f"  history: hydrabrain loop attempts {result.optimization_id}; best change: branch {result.branch}")
     return 0
 
 

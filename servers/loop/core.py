@@ -25,9 +25,12 @@ from hydrabrain.shared.telemetry import get_logger, log_event
 
 from . import discover as sources
 from . import feedback
-from .process import CommandNotFound, run_command
-from .store import ACTIVE, Attempt, Finding, Run, Schedule, Store, Verdict, now
+from .implementers import AgentImplementer, AttemptJob
 from .memory_link import MemoryLink
+from .optimize import Optimizer, TargetStatus, optimization_id, target_status
+from .process import CommandNotFound
+from .store import ACTIVE, Attempt, Finding, Run, Schedule, Store, Verdict, now
+from .targets import load_target
 from .verify import Check, verify_worktree
 from .worktrees import (
     TASK_FILE,
@@ -141,6 +144,7 @@ class RepoStatus(BaseModel):
     top: list[Finding] = Field(description="The best-ranked active findings")
     runs: list[Run] = Field(description="Recent cycles, newest first")
     schedule: Schedule | None = None
+    targets: list[TargetStatus] = Field(default_factory=list, description="Optimisation targets with their best-so-far")
 
 
 class StatusResult(BaseModel):
@@ -198,18 +202,20 @@ class Loop:
         return path
 
     @contextmanager
-    def lock(self, root: Path) -> Iterator[None]:
-        """One cycle (or handoff/verify) per repo at a time, across threads and processes.
+    def lock(self, root: Path, job: str = "") -> Iterator[None]:
+        """One cycle (or handoff/verify) per repo at a time, across threads and processes; an optimisation
+        (`job` = its id) has a lock of its own, so a long tuning run does not hold up the repo's cycles.
 
         An flock dies with its process, so a killed cycle never leaves a stale lock behind."""
         locks = self.home / "locks"
         locks.mkdir(exist_ok=True)
-        fd = os.open(locks / f"{repo_slug(root)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(locks / f"{repo_slug(root)}{'-' + job if job else ''}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise CycleBusy(f"a loop cycle is already running on {root}; wait for it (see `status`) and try again") from None
+                what = f"the optimisation {job}" if job else "a loop cycle"
+                raise CycleBusy(f"{what} is already running on {root}; wait for it (see `status`) and try again") from None
             yield
         finally:
             os.close(fd)
@@ -307,7 +313,7 @@ class Loop:
             self._excluded.add(root)
         task = worktree.path / TASK_FILE
         if not task.exists():
-            lessons = self.memory.lessons(finding) if not self.store.attempts(finding.finding_id) else []
+            lessons = self.memory.lessons(finding.repo, finding.kind, finding.title) if not self.store.attempts(finding.finding_id) else []
             atomic_write(task, self._task_text(finding, worktree.path, branch, lessons))
         if (finding.worktree, finding.branch, finding.base_commit) != (str(worktree.path), branch, base) or finding.status == "open":
             self.store.update_finding(finding.finding_id, now(), worktree=str(worktree.path), branch=branch, base_commit=base,
@@ -354,14 +360,15 @@ class Loop:
 
     def _implement(self, finding: Finding, handoff: Handoff, log_dir: Path, budget: _Budget) -> str:
         """Run the configured agent CLI in the worktree; it ends on exit, at its time budget or its output budget."""
-        argv = [part.replace("{task_file}", handoff.task_file).replace("{worktree}", handoff.path)
-                for part in self.cfg.implementer_command or []]
-        result = run_command(argv, cwd=Path(handoff.path), log_path=log_dir / f"implement-{finding.finding_id}.log",
-                             timeout_s=min(self.cfg.implementer_timeout_s, budget.remaining()),
-                             max_output_bytes=self.cfg.implementer_max_output_bytes,
-                             env={"HYDRABRAIN_LOOP_TASK_FILE": handoff.task_file, "HYDRABRAIN_LOOP_FINDING": finding.finding_id})
-        budget.spend(result.duration_s)
-        return result.describe()
+        agent = AgentImplementer(list(self.cfg.implementer_command or []), self.cfg.implementer_max_output_bytes)
+        proposal = agent.propose(AttemptJob(
+            worktree=Path(handoff.path), task_file=Path(handoff.task_file), history=self.store.attempts(finding.finding_id),
+            best=None, log_path=log_dir / f"implement-{finding.finding_id}.log",
+            timeout_s=min(self.cfg.implementer_timeout_s, budget.remaining()), env={"HYDRABRAIN_LOOP_FINDING": finding.finding_id},
+        ))
+        assert proposal is not None and proposal.command is not None  # an agent always runs
+        budget.spend(proposal.command.duration_s)
+        return proposal.summary
 
     # --- verify ------------------------------------------------------------------------------
 
@@ -412,7 +419,7 @@ class Loop:
                               worktree=str(worktree), test_log=str(check.test.log_path) if check.test else None,
                               attempt=attempt.number,
                               feedback=self._feedback_text(self.store.attempts(finding.finding_id)) if check.verdict == "FAIL" else None)
-        self.memory.record_attempt(finding, attempt)
+        self.memory.record_attempt(finding.repo, finding.kind, finding.title, attempt)
         return self._settle(finding, root, worktree, result)
 
     def _record_attempt(self, finding: Finding, worktree: Path, check: Check) -> Attempt:
@@ -591,6 +598,16 @@ class Loop:
         self.store.record_step(run_id, finding_id, "verify", "done", result.verdict, now())
         return result.verdict
 
+    # --- optimise ----------------------------------------------------------------------------
+
+    def optimize(self, repo: str | Path, target: str, implementer: str = "auto", max_attempts: int | None = None,
+                 fresh: bool = False) -> TargetStatus:
+        """Improve a target by measured attempts until gains stop; resumes an unfinished optimisation of it."""
+        root = repo_root(repo)
+        name = load_target(root, target, self.cfg.targets).name
+        with self.lock(root, optimization_id(root, name)):
+            return Optimizer(self).run(root, target, implementer, max_attempts, fresh)
+
     # --- status ------------------------------------------------------------------------------
 
     def status(self, repo: str | Path | None = None) -> StatusResult:
@@ -601,5 +618,6 @@ class Loop:
             out.append(RepoStatus(
                 repo=name, counts=self.store.counts(name), cycle_running=Path(name).is_dir() and self.is_busy(Path(name)),
                 top=rank(self.store.findings(name, ACTIVE))[:10], runs=self.store.runs(name, limit=5), schedule=schedules.get(name),
+                targets=[target_status(o, self.store.attempts(o.optimization_id)) for o in self.store.optimizations(name)],
             ))
         return StatusResult(repos=out)

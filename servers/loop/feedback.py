@@ -72,7 +72,9 @@ def _caused(a: Attempt) -> str:
     if a.measurement is not None:
         m = a.measurement
         text = f"; metric {m.mean:.6g} ± {m.stdev:.2g} over {m.n} runs"
-        return text + (f" ({a.reasons[0]})" if a.reasons else "")
+        return text + (f" ({a.reasons[-1]})" if a.reasons and a.verdict != "baseline" else "")
+    if a.verdict == "invalid":
+        return f"; {a.reasons[0][:300]}" if a.reasons else ""
     failing = [r for r in a.reasons if r.startswith(("tests fail", "changes ", "touches ", "the originally", "reviewer", "the worktree has no"))]
     return f"; {'; '.join(failing[:2])}" if failing else ""
 

@@ -19,7 +19,7 @@ from mcp import Client
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.telemetry import get_logger, log_event
 
-from .store import Attempt, Finding
+from .store import Attempt
 from .worktrees import repo_slug
 
 log = get_logger("loop.memory")
@@ -33,13 +33,18 @@ def project_key(repo: str) -> str:
     return f"repo:{repo_slug(Path(repo))[-100:]}"
 
 
-def attempt_text(finding: Finding, attempt: Attempt) -> str:
-    return f"On {finding.kind.replace('_', ' ')} '{finding.title}' the loop tried: {attempt.summary}."
+def attempt_text(kind: str, title: str, attempt: Attempt) -> str:
+    return f"On {kind.replace('_', ' ')} '{title}' the loop tried: {attempt.summary}."
 
 
-def outcome_text(finding: Finding, attempt: Attempt) -> str:
+def outcome_text(kind: str, title: str, attempt: Attempt) -> str:
+    """Worded so memory reads its polarity right: 'passed' and 'improved' count as worked, 'failed' as a dead end."""
     if attempt.verdict == "PASS":
-        return f"That change ({attempt.summary}) fixed {finding.kind.replace('_', ' ')} '{finding.title}': verification passed."
+        return f"That change ({attempt.summary}) fixed {kind.replace('_', ' ')} '{title}': verification passed."
+    if attempt.verdict in ("baseline", "gain"):
+        return f"That change ({attempt.summary}) improved {title}: {attempt.reasons[-1] if attempt.reasons else attempt.verdict}."
+    if attempt.verdict in ("within noise", "worse"):
+        return f"That change ({attempt.summary}) failed to beat the best beyond the noise: {attempt.reasons[-1]}."
     # The first objection is what a later finding most needs to know; the rest is in the loop's own store.
     why = next((r for r in attempt.reasons if not r.startswith(("scope ok", "tests pass"))), "the verifier said no")
     return f"That change ({attempt.summary}) failed verification: {why}."
@@ -83,27 +88,26 @@ class MemoryLink:
             log_event(log, "memory unavailable", level=30, target=self.target, error=f"{type(exc).__name__}: {exc}")
             return None
 
-    def record_attempt(self, finding: Finding, attempt: Attempt) -> None:
+    def record_attempt(self, repo: str, kind: str, title: str, attempt: Attempt) -> None:
         """One session per attempt: what was tried, what came of it; ending it lets memory consolidate lessons."""
         if not self.enabled:
             return
 
         async def work(call: Any) -> None:
-            user = project_key(finding.repo)
-            session = await call("start_session", user=user, task=f"{finding.kind}: {finding.title}")
-            await call("remember", session_id=session["session_id"], text=attempt_text(finding, attempt), kind="attempt")
-            await call("remember", session_id=session["session_id"], text=outcome_text(finding, attempt), kind="outcome")
+            session = await call("start_session", user=project_key(repo), task=f"{kind}: {title}")
+            await call("remember", session_id=session["session_id"], text=attempt_text(kind, title, attempt), kind="attempt")
+            await call("remember", session_id=session["session_id"], text=outcome_text(kind, title, attempt), kind="outcome")
             await call("end_session", session_id=session["session_id"])
 
         self._run(work)
 
-    def lessons(self, finding: Finding) -> list[str]:
-        """The lesson lines of memory's briefing for this finding (dead ends first), or none."""
+    def lessons(self, repo: str, kind: str, title: str) -> list[str]:
+        """The lesson lines of memory's briefing for a task on this repo (dead ends first), or none."""
         if not self.enabled:
             return []
 
         async def work(call: Any) -> str:
-            brief = await call("briefing", task=f"{finding.kind}: {finding.title}", user=project_key(finding.repo), token_budget=400)
+            brief = await call("briefing", task=f"{kind}: {title}", user=project_key(repo), token_budget=400)
             return str(brief.get("text", ""))
 
         text = self._run(work) or ""

@@ -10,7 +10,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 from mcp.server import MCPServer
@@ -22,9 +22,11 @@ from hydrabrain.shared.config import Settings
 from hydrabrain.shared.serving import new_server
 
 from .core import AttemptsResult, CycleReport, DiscoverResult, Handoff, Loop, LoopError, StatusResult, VerifyResult
+from .optimize import TargetStatus
 from .process import CommandNotFound
 from .schedule import Scheduler
 from .store import Finding, Schedule
+from .targets import TargetError
 from .worktrees import GitError
 
 INSTRUCTIONS = """Runs the improvement loop over a git repository the user names.
@@ -34,7 +36,8 @@ task file; make the change there, not in the main checkout. verify(finding_id) i
 change is broken: it runs the repo's tests in the worktree, checks the diff stays in scope, and asks a skeptical
 reviewer when an LLM provider is configured. PASS commits the change on the finding's branch and removes the worktree;
 FAIL keeps the worktree for another try and says what the verifier saw (also in the task file); attempts(id) lists
-every try. run_once(repo) does a whole cycle; schedule(repo, ...) repeats cycles."""
+every try. run_once(repo) does a whole cycle; schedule(repo, ...) repeats cycles. optimize(repo, target) improves a
+measured target (a benchmark metric) by attempts that must pass the tests and beat the benchmark's noise."""
 
 T = TypeVar("T")
 RepoArg = Annotated[str, Field(description="Path of the git repository (its top folder or any folder inside it)")]
@@ -67,7 +70,7 @@ async def _off_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run blocking loop work in a worker thread; anticipated failures reach the caller as readable errors."""
     try:
         return await anyio.to_thread.run_sync(fn, *args)
-    except (LoopError, GitError, CommandNotFound, OSError) as exc:
+    except (LoopError, GitError, CommandNotFound, TargetError, OSError) as exc:
         # The SDK hides a plain exception's text from the model; these messages are written for it.
         raise ToolError(str(exc)) from exc
 
@@ -124,6 +127,19 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         return await _off_thread(_state(ctx).loop.run_once, repo)
 
     @server.tool()
+    async def optimize(
+        repo: RepoArg,
+        target: Annotated[str, Field(description="A target name from [loop.targets] in the repo's hydrabrain.toml, or a target .toml file's path")],
+        ctx: Context,
+        implementer: Annotated[Literal["auto", "search", "agent"], Field(
+            description="search: the built-in search over the target's parameters; agent: loop.implementer_command; auto: search when the target declares one")] = "auto",
+        max_attempts: Annotated[int | None, Field(ge=1, description="Measure at most this many attempts in this call; the next call resumes")] = None,
+        fresh: Annotated[bool, Field(description="Start over from HEAD instead of resuming or reporting the last optimisation")] = False,
+    ) -> TargetStatus:
+        """Improve a benchmark metric by measured attempts (tests must pass, gains must beat the noise); stops when gains stop; resumable."""
+        return await _off_thread(_state(ctx).loop.optimize, repo, target, implementer, max_attempts, fresh)
+
+    @server.tool()
     async def schedule(
         repo: RepoArg,
         ctx: Context,
@@ -148,7 +164,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         ctx: Context,
         repo: Annotated[str | None, Field(description="Limit to this repository; omit for every repo the loop knows")] = None,
     ) -> StatusResult:
-        """Findings by status, the best open ones, recent cycles and schedules."""
+        """Findings by status, the best open ones, recent cycles, schedules, and each optimisation target's best so far."""
         return await _off_thread(_state(ctx).loop.status, repo)
 
     @server.resource("loop://findings/{finding_id}", mime_type="application/json")

@@ -25,7 +25,7 @@ async def test_the_contract_tools_take_a_failing_test_from_discovery_to_a_verifi
     repo = make_repo()
     async with Client(build_server(settings)) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
-        assert tools == {"discover", "handoff", "verify", "attempts", "close", "run_once", "schedule", "status"}
+        assert tools == {"discover", "handoff", "verify", "attempts", "close", "run_once", "optimize", "schedule", "status"}
 
         found = await _call(client, "discover", repo=str(repo))
         finding = next(f for f in found["findings"] if f["kind"] == "failing_test")
