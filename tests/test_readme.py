@@ -32,3 +32,15 @@ async def test_every_tool_of_every_server_is_documented(name: str, settings: Set
     section = README.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
     for tool in await server.list_tools():
         assert f"`{tool.name}" in section, f"{name}.{tool.name} is not in the README's {name} section"
+
+
+@pytest.mark.anyio
+async def test_the_scope_table_names_every_tool_under_the_scope_it_declares(settings: Settings) -> None:
+    table = README.split("<!-- scopes:begin -->", 1)[1].split("<!-- scopes:end -->", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2] for line in table.strip().splitlines()}
+    settings.router.mount = []
+    for name in SERVER_NAMES:
+        server = build(name, settings)
+        for tool in await server.list_tools():
+            scope = server.hydrabrain_scopes.tools.get(tool.name)  # type: ignore[attr-defined]
+            assert scope and f"{name} " in rows[scope] and f"`{tool.name}`" in rows[scope], f"{name}.{tool.name} ({scope}) is not in its scope's row"
