@@ -22,7 +22,9 @@ import hmac
 import json
 import os
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -266,9 +268,24 @@ class JWTVerifier:
         self.audience = config.audience or audience
         self.jwks = jwt.PyJWKClient(config.jwks_url, cache_keys=True, lifespan=config.jwks_cache_s, timeout=10,
                                     cooldown_duration=config.jwks_refetch_cooldown_s)
+        # A verified token stays valid until it expires (JWTs cannot be revoked early), so an agent's
+        # repeated calls pay for the signature check once; the bearer middleware still checks `exp`.
+        self._verified: OrderedDict[str, AccessToken] = OrderedDict()
+        self._lock = threading.Lock()
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        return await anyio.to_thread.run_sync(self._verify, token)
+        with self._lock:
+            known = self._verified.get(token)
+            if known is not None and (known.expires_at or 0) > time.time():
+                self._verified.move_to_end(token)
+                return known
+        access = await anyio.to_thread.run_sync(self._verify, token)  # may fetch the JWKS: off the event loop
+        if access is not None:
+            with self._lock:
+                self._verified[token] = access
+                while len(self._verified) > VERIFIED_CACHE:
+                    self._verified.popitem(last=False)
+        return access
 
     def _verify(self, token: str) -> AccessToken | None:
         cfg = self.config
@@ -284,6 +301,9 @@ class JWTVerifier:
         user = str(claims[cfg.user_claim])
         return AccessToken(token=token, client_id=str(claims.get("client_id") or claims.get("azp") or user), scopes=scopes,
                            expires_at=int(claims["exp"]), resource=self.audience, subject=user, claims={"iss": claims["iss"]})
+
+
+VERIFIED_CACHE = 4096  # distinct live tokens remembered per server
 
 
 def resource_url(config: AuthConfig, path: str = "/mcp") -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal
 
@@ -118,3 +122,34 @@ def public_url_for(settings: Settings, host: str, port: int) -> None:
     if settings.auth.public_url is None:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         settings.auth.public_url = f"http://{shown}:{port}"
+
+
+@contextlib.contextmanager
+def in_background(app: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 120.0) -> Iterator[str]:
+    """Serve an ASGI app under uvicorn in a daemon thread (tests, benchmarks, embedding); yields its base URL."""
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, to name in settings before the server starts."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -4,7 +4,6 @@ memories are theirs alone: real servers on loopback, a real JWKS endpoint, the o
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -93,32 +92,13 @@ def idp() -> Iterator[IdentityProvider]:
 # --- the suite's servers over streamable HTTP ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def served(settings: Settings, name: str) -> Iterator[str]:
     """`name` built from `settings` and served over streamable HTTP the way `hydrabrain serve` does; yields its base URL."""
-    import uvicorn
-
-    port = _free_port()
+    port = serving.free_port()
     settings.auth.public_url = f"http://127.0.0.1:{port}"
-    app = serving.http_app(serving.build(name, settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield settings.auth.public_url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serving.in_background(serving.http_app(serving.build(name, settings)), port=port) as url:
+        yield url
 
 
 def jwt_settings(settings: Settings, idp: IdentityProvider) -> Settings:
