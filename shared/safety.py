@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -67,22 +68,39 @@ def _is_public(address: str) -> bool:
 
 def check_url(url: str, allow_private: bool = False, setting: str = "allow_private_urls") -> str:
     """The URL if it is http(s) to a public address (or any address when allowed), else UnsafeInput."""
-    parsed = urlparse(url)
-    if parsed.scheme not in {"http", "https"} or not parsed.hostname:
-        raise UnsafeInput(f"{url!r} is not an http(s) URL")
-    if allow_private:
-        return url
+    _resolve_checked(url, allow_private, setting)
+    return url
+
+
+def _resolve_checked(url: str, allow_private: bool, setting: str) -> str | None:
+    """The one address a fetch of `url` may connect to, after checking every address its host resolves to.
+
+    None when private addresses are allowed (then the client resolves as usual). Connecting to the
+    checked address, rather than resolving again, is what defeats a rebinding resolver that answers
+    the check with a public address and the connection with 127.0.0.1.
+    """
     try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+        parsed = urlparse(url)
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError as exc:  # a port out of range, an unbalanced bracket
+        raise UnsafeInput(f"{url[:200]!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in {"http", "https"} or not host:
+        raise UnsafeInput(f"{url[:200]!r} is not an http(s) URL")
+    if allow_private:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise UnsafeInput(f"cannot resolve {parsed.hostname}: {exc.strerror}") from None
+        raise UnsafeInput(f"cannot resolve {host}: {exc.strerror}") from None
+    except UnicodeError:  # a label over 63 characters, or one IDNA cannot encode
+        raise UnsafeInput(f"{host[:100]!r} is not a valid host name") from None
     for info in infos:
         address = str(info[4][0])
         if not _is_public(address):
             raise UnsafeInput(
                 f"{url} resolves to {address}, a loopback or private address; set {setting} = true to allow it"
             )
-    return url
+    return str(infos[0][4][0])
 
 
 @dataclass(frozen=True)
@@ -92,20 +110,46 @@ class Fetched:
     text: str
 
 
+def _pinned(url: str, address: str | None) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(URL to request, extra headers, request extensions) that reach `address` while naming the host."""
+    if address is None:
+        return url, {}, {}
+    parsed = urlparse(url)
+    shown = f"[{address}]" if ":" in address else address
+    netloc = f"{shown}:{parsed.port}" if parsed.port else shown
+    host_header = parsed.netloc.rsplit("@", 1)[-1]
+    # TLS still verifies the certificate against the host name (SNI), not the address.
+    return parsed._replace(netloc=netloc).geturl(), {"Host": host_header}, {"sni_hostname": parsed.hostname or ""}
+
+
 def fetch_url(url: str, *, timeout: float, max_bytes: int, allow_private: bool = False, setting: str = "allow_private_urls") -> Fetched:
     """GET a URL as text, checking every redirect hop and stopping at `max_bytes`.
 
+    `timeout` bounds the whole fetch, redirects and a slowly dripping body included, not each read.
     Raises UnsafeInput for refused addresses, oversize or binary bodies, and ConnectionError with a
-    readable message when the host cannot be reached or answers with an error status.
+    readable message when the host cannot be reached, answers with an error status, or runs out of time.
     """
-    current = check_url(url, allow_private, setting)
-    with httpx.Client(timeout=timeout, follow_redirects=False, headers={"User-Agent": "hydrabrain/0.1"}) as client:
+    deadline = time.monotonic() + timeout
+    current = url
+    address = _resolve_checked(current, allow_private, setting)
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionError(f"{current} did not finish within {timeout:g} s")
+        return left
+
+    with httpx.Client(follow_redirects=False, headers={"User-Agent": "hydrabrain/0.1"}) as client:
         for _ in range(6):
+            target, headers, extensions = _pinned(current, address)
             try:
-                with client.stream("GET", current) as response:
+                request = client.build_request("GET", target, headers=headers, extensions=extensions, timeout=remaining())
+                response = client.send(request, stream=True)
+                try:
                     if response.is_redirect:
                         location = response.headers.get("location", "")
-                        current = check_url(urljoin(current, location), allow_private, setting)
+                        current = urljoin(current, location)
+                        address = _resolve_checked(current, allow_private, setting)
                         continue
                     if response.status_code >= 400:
                         raise ConnectionError(f"{current} answered HTTP {response.status_code}")
@@ -117,9 +161,12 @@ def fetch_url(url: str, *, timeout: float, max_bytes: int, allow_private: bool =
                         body += chunk
                         if len(body) > max_bytes:
                             raise UnsafeInput(f"{current} is over the {max_bytes}-byte limit")
+                        remaining()
                     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                finally:
+                    response.close()
             except httpx.TimeoutException:
-                raise ConnectionError(f"{current} did not answer within {timeout:g} s") from None
+                raise ConnectionError(f"{current} did not finish within {timeout:g} s") from None
             except httpx.HTTPError as exc:
                 raise ConnectionError(f"cannot fetch {current}: {exc}") from None
             text = decode_text(bytes(body), current)

@@ -200,10 +200,21 @@ class Wiki:
         results: list[IngestResult] = []
         staged: list[tuple[SourceInfo, str, IngestResult]] = []
         written: list[Path] = []
+        # Read (and fetch) every source before taking the lock: a slow URL must not hold up other writers.
+        read: list[tuple[str, str | None, tuple[str, str, str] | Exception]] = []
+        for source, title in items:
+            try:
+                read.append((source, title, self._read_source(source)))
+            except (ValueError, OSError, ConnectionError) as exc:
+                if fail_fast:
+                    raise
+                read.append((source, title, exc))
         with self.files.lock("compile"):
-            for source, title in items:
+            for source, title, got in read:
                 try:
-                    result, info, text, paths = self._stage_source(source, title)
+                    if isinstance(got, Exception):
+                        raise got
+                    result, info, text, paths = self._stage_source(got, title)
                 except (ValueError, OSError, ConnectionError) as exc:
                     if fail_fast:
                         raise
@@ -236,8 +247,8 @@ class Wiki:
                 log_event(log, "ingested", sources=len(staged), pages_created=len(created), pages_updated=len(updated))
         return results
 
-    def _stage_source(self, source: str, title: str | None) -> tuple[IngestResult, SourceInfo | None, str, list[Path]]:
-        text, origin, fallback = self._read_source(source)
+    def _stage_source(self, read: tuple[str, str, str], title: str | None) -> tuple[IngestResult, SourceInfo | None, str, list[Path]]:
+        text, origin, fallback = read
         body = comp.source_body(text)
         if not strip_markup(body).strip():
             raise ValueError(f"{origin} has no text to ingest")
