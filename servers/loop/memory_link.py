@@ -10,7 +10,9 @@ Memory is a helper, never a gate: when it cannot be reached the loop goes on and
 
 from __future__ import annotations
 
+import asyncio
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -34,7 +36,7 @@ def project_key(repo: str) -> str:
 
 
 def attempt_text(kind: str, title: str, attempt: Attempt) -> str:
-    return f"On {kind.replace('_', ' ')} '{title}' the loop tried: {attempt.summary}."
+    return f"For '{title}' ({kind.replace('_', ' ')}) the loop tried: {attempt.summary}."
 
 
 def outcome_text(kind: str, title: str, attempt: Attempt) -> str:
@@ -83,7 +85,13 @@ class MemoryLink:
                 return await work(call)
 
         try:
-            return anyio.run(session)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return anyio.run(session)
+            # Called from inside an event loop (an async caller of the sync API): a loop of our own needs its own thread.
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(anyio.run, session).result()
         except Exception as exc:  # noqa: BLE001 - any transport or server fault: the loop goes on without memory
             log_event(log, "memory unavailable", level=30, target=self.target, error=f"{type(exc).__name__}: {exc}")
             return None
