@@ -143,3 +143,23 @@ async def test_optimize_attempts_and_status_through_the_mcp_client(tuned_repo, s
         assert status["repos"][0]["targets"][0]["best"]["measurement"]["mean"] == pytest.approx(80.0)
         missing = await client.call_tool("optimize", {"repo": str(tuned_repo), "target": "nope"})
         assert missing.is_error and "no target 'nope'" in missing.content[0].text
+
+
+def test_an_agent_implementer_reads_the_measured_history_in_its_task_file(tuned_repo, settings):
+    # The agent: reads the task file, and moves the batch size one step past the best measured so far.
+    agent = (
+        "import re, sys\n"
+        "task = open(sys.argv[1]).read()\n"
+        "assert 'time_ms' in task and '**baseline**' in task\n"
+        "tune = open('tune.toml').read()\n"
+        "batch = int(re.search(r'batch = (\\d+)', tune).group(1))\n"
+        "open('tune.toml', 'w').write(tune.replace(f'batch = {batch}', f'batch = {min(batch * 2, 16)}'))\n"
+    )
+    settings.loop.implementer_command = [sys.executable, "-c", agent, "{task_file}"]
+    loop = Loop(settings)
+    result = loop.optimize(tuned_repo, "speed", implementer="agent")
+    tried = loop.attempts(result.optimization_id).attempts
+    # 4 → 8 is a gain; 8 → 16 is inside the noise; back on the best (8) it tries 16 again: inside the noise twice, patience spent.
+    assert [a.verdict for a in tried] == ["baseline", "gain", "within noise", "within noise"]
+    assert tried[1].summary == "tune.toml +1 -1" and result.best.number == 1
+    assert result.implementer == "agent"
