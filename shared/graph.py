@@ -62,6 +62,7 @@ class GraphStore(Protocol):
     def delete_edges(self, edge_ids: Sequence[str]) -> None: ...
     def neighbors(self, node_ids: Sequence[str], depth: int = 1, rel: str | None = None) -> dict[str, int]: ...
     def clear(self) -> None: ...
+    def purge(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -94,6 +95,7 @@ class SqliteGraphStore:
         self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA secure_delete=ON")  # deleted facts are overwritten, not left in free pages
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS nodes (id TEXT PRIMARY KEY, label TEXT NOT NULL, props TEXT NOT NULL DEFAULT '{}');
@@ -225,6 +227,11 @@ class SqliteGraphStore:
         with self._lock:
             self._db.execute("DELETE FROM edges")
             self._db.execute("DELETE FROM nodes")
+
+    def purge(self) -> None:
+        """Empty the WAL, so deleted rows survive in no file."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         with self._lock:
@@ -374,6 +381,10 @@ class BoltGraphStore:
 
     def clear(self) -> None:
         self._run("MATCH (n:HBNode) WHERE n.ns = $ns DETACH DELETE n")
+
+    def purge(self) -> None:
+        """Nothing to do here: the graph server owns its files."""
+        return None
 
     def close(self) -> None:
         # The driver is shared for the life of the process.

@@ -77,6 +77,7 @@ class LexicalIndex:
         self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
         self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA secure_delete=ON")  # deleted text is overwritten, not left in free pages
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS docs (rid INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, meta TEXT NOT NULL DEFAULT '{}');
@@ -277,6 +278,12 @@ class LexicalIndex:
             if self.scope_field is not None:
                 self._db.execute("DELETE FROM scoped_terms")
                 self._db.execute("DELETE FROM scoped_docs")
+
+    def purge(self) -> None:
+        """Make deletions reach the file: merge the full-text index (dropping deleted terms) and empty the WAL."""
+        with self._lock:
+            self._db.execute("INSERT INTO fts(fts) VALUES ('optimize')")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         with self._lock:

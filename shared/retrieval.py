@@ -83,6 +83,11 @@ class HybridRetriever:
         self.vectors.delete(ids=list(ids) if ids else None, where=where)
         self.lexical.delete(doc_ids=ids, where=where)
 
+    def purge(self) -> None:
+        """Make earlier removals reach the files of both indexes (for deletions that must not linger)."""
+        self.vectors.purge()
+        self.lexical.purge()
+
     def dense_only(self, query: str, k: int = 8, where: Mapping[str, Any] | None = None) -> list[RetrievalHit]:
         """Plain dense top-k on the same store: the anchor hybrid retrieval is measured against."""
         qv = self.embedder.embed_one(query)

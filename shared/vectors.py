@@ -13,6 +13,7 @@ original rides in the payload under ``_id``. Filters are ``{field: value}`` (equ
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -57,6 +58,7 @@ class VectorStore(Protocol):
     def delete(self, ids: Sequence[str] | None = None, where: Where | None = None) -> None: ...
     def count(self, where: Where | None = None) -> int: ...
     def get(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+    def purge(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -143,6 +145,9 @@ class EdgeVectorStore:
                 time.sleep(0.02)
         try:
             qe = self._qe
+            old = self.path.with_name(self.path.name + ".old")
+            if not self.path.exists() and old.exists():  # a purge stopped between its renames
+                os.replace(old, self.path)
             if self.path.exists() and any(self.path.iterdir()):
                 self._shard = qe.EdgeShard.load(str(self.path), self._config)
             else:
@@ -247,6 +252,43 @@ class EdgeVectorStore:
         with self._held() as shard:
             shard.flush()
 
+    def purge(self) -> None:
+        """Rewrite the collection from its live points, so deleted payloads leave the disk as well.
+
+        Qdrant only marks a deleted point and drops it at a later optimisation, and its write-ahead
+        log keeps the original upserts until it rotates; a privacy deletion (memory's `forget`)
+        cannot wait for either. Costs one pass over the collection, so it is for deletions, not writes.
+        """
+        qe = self._qe
+        with self._held() as shard:
+            live: list[Any] = []
+            offset = None
+            while True:
+                batch, offset = shard.scroll(qe.ScrollRequest(limit=512, offset=offset, with_payload=True, with_vector=True))
+                live += [qe.Point(str(p.id), list(p.vector), dict(p.payload or {})) for p in batch]
+                if offset is None:
+                    break
+            fresh = self.path.with_name(self.path.name + ".purge")
+            shutil.rmtree(fresh, ignore_errors=True)
+            fresh.mkdir(parents=True)
+            rebuilt = qe.EdgeShard.create(str(fresh), self._config)
+            try:
+                for name in self._indexed:
+                    rebuilt.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+                for start in range(0, len(live), 1024):
+                    rebuilt.update(qe.UpdateOperation.upsert_points(live[start : start + 1024]))
+                rebuilt.flush()
+            finally:
+                rebuilt.close()
+            shard.close()
+            self._shard = None
+            old = self.path.with_name(self.path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)  # a crash between these two renames is undone by _open
+            os.replace(fresh, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+            self._shard = qe.EdgeShard.load(str(self.path), self._config)  # still under this holder's file lock
+
     def close(self) -> None:
         """Release this holder's reference; the shard closes when the last holder lets go."""
         with self._lock:
@@ -319,6 +361,10 @@ class QdrantClientStore:
         return found
 
     def flush(self) -> None:
+        return None
+
+    def purge(self) -> None:
+        """Nothing to do here: a Qdrant server drops deleted points from disk with its own optimiser."""
         return None
 
     def close(self) -> None:

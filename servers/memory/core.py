@@ -683,6 +683,12 @@ class MemoryService:
 
     # --- forgetting -------------------------------------------------------------------------
 
+    def _purge(self) -> None:
+        # forget is a privacy request: the deleted text must leave the files, not only the API.
+        self.retriever.purge()
+        self.log.purge()
+        self.graph.store.purge()
+
     def forget(self, user: str, memory_id: str | None = None, subject: str | None = None, everything: bool = False) -> ForgetResult:
         check_user(user)
         if not (memory_id or subject or everything):
@@ -695,6 +701,7 @@ class MemoryService:
                 self.retriever.remove(where={"user": user})
                 self.graph.delete_user(user)
                 self.log.delete_user(user)
+                self._purge()
                 log_event(log, "forgot a user", user=user)
                 return ForgetResult(episodes, facts, lessons, 0)
             doomed: set[str] = set()
@@ -721,6 +728,7 @@ class MemoryService:
                 doomed.update(m for m, e in self.graph.mentions(user) if e == node)
             fact_count += self._erase(sorted(doomed), user)
             deleted, rewritten = self._prune_lessons(user, doomed)
+            self._purge()
             log_event(log, "forgot", user=user, episodes=len(doomed), facts=fact_count)
             return ForgetResult(len(doomed), fact_count, deleted, rewritten)
 

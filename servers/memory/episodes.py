@@ -125,6 +125,7 @@ class EpisodeLog:
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA secure_delete=ON")  # forget must not leave text in free pages
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(episodes)")}
@@ -287,6 +288,11 @@ class EpisodeLog:
             db.execute("DELETE FROM episodes WHERE user = ?", (user,))
             db.execute("DELETE FROM lessons WHERE user = ?", (user,))
             db.execute("DELETE FROM sessions WHERE user = ?", (user,))
+
+    def purge(self) -> None:
+        """Empty the WAL, so deleted rows survive in no file (secure_delete already zeroes their pages)."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         with self._lock:

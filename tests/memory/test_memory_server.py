@@ -194,6 +194,22 @@ async def test_forget_deletes_a_memory_and_its_facts_from_every_store(settings: 
         assert left["items"] == []
 
 
+async def test_forgotten_text_is_gone_from_the_files_on_disk_not_only_from_the_api(settings: Settings) -> None:
+    import subprocess
+
+    secret = "ZEBRAQUUX4711"
+    async with Client(build_server(settings)) as client:
+        sid = await session(client)
+        kept = await call(client, "remember", session_id=sid, text="Alice drinks tea at four.")
+        doomed = await call(client, "remember", session_id=sid, text=f"The vault code is {secret}.", kind="fact",
+                            facts=[{"subject": "vault", "predicate": "code", "object": secret}])
+        await call(client, "forget", user="alice", memory_id=doomed["memory_id"])
+        still = await call(client, "recall", query="tea at four", user="alice")
+        assert kept["memory_id"] in {i["id"] for i in still["items"]}  # the rest of her memory is intact
+    holding = subprocess.run(["grep", "-rla", secret, str(settings.home)], capture_output=True, text=True).stdout.split()
+    assert holding == [], f"the forgotten text is still in {holding}"
+
+
 async def test_bad_input_is_refused_with_a_clear_message_and_nothing_is_stored(settings: Settings) -> None:
     settings.memory.max_text_chars = 1000
     async with Client(build_server(settings)) as client:
