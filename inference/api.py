@@ -330,7 +330,8 @@ async def completions(request: Request) -> Response:
             raise APIError(400, "this server completes one prompt per request; send a string", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        prompt_ids = state.tokenizer.encode(prompt, add_special_tokens=False)
+        # Off the event loop: a long prompt takes seconds to tokenise, and other requests must not wait.
+        prompt_ids = await asyncio.to_thread(state.tokenizer.encode, prompt, add_special_tokens=False)
     else:
         vocab = len(state.tokenizer)
         if any(not 0 <= t < vocab for t in prompt):
@@ -348,8 +349,8 @@ async def chat_completions(request: Request) -> Response:
     if getattr(state.tokenizer, "chat_template", None) is None:
         raise APIError(400, f"the model `{state.model_id}` has no chat template; use /v1/completions", param="messages")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)} for m in body.messages]
-    text = state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prompt_ids = state.tokenizer.encode(text, add_special_tokens=False)
+    text = await asyncio.to_thread(state.tokenizer.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=False)
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _run(request, "chat", prompt_ids, _params(state, body, max_tokens), body, "messages")
 
