@@ -86,13 +86,17 @@ def _resolve_checked(url: str, allow_private: bool, setting: str) -> str | None:
         raise UnsafeInput(f"{url[:200]!r} is not a valid URL: {exc}") from None
     if parsed.scheme not in {"http", "https"} or not host:
         raise UnsafeInput(f"{url[:200]!r} is not an http(s) URL")
+    try:
+        host.encode("idna")
+    except UnicodeError:  # a label over 63 characters, or one IDNA cannot encode
+        raise UnsafeInput(f"{host[:100]!r} is not a valid host name") from None
     if allow_private:
         return None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UnsafeInput(f"cannot resolve {host}: {exc.strerror}") from None
-    except UnicodeError:  # a label over 63 characters, or one IDNA cannot encode
+    except UnicodeError:
         raise UnsafeInput(f"{host[:100]!r} is not a valid host name") from None
     for info in infos:
         address = str(info[4][0])
@@ -169,6 +173,8 @@ def fetch_url(url: str, *, timeout: float, max_bytes: int, allow_private: bool =
                 raise ConnectionError(f"{current} did not finish within {timeout:g} s") from None
             except httpx.HTTPError as exc:
                 raise ConnectionError(f"cannot fetch {current}: {exc}") from None
+            except UnicodeError:
+                raise UnsafeInput(f"{current[:200]!r} has a host name that is not valid") from None
             text = decode_text(bytes(body), current)
             if content_type in {"text/html", "application/xhtml+xml"} or text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
                 text = html_to_text(text)

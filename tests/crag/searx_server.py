@@ -58,6 +58,7 @@ class SearchServer:
         self.pages = {name: Page(name, source) for name, source in pages.items()}
         self.slow_s = slow_s
         self.results = results
+        self.extra_results: list[dict[str, str]] = []  # appended to every /search answer, e.g. results with odd URLs
         self.queries: list[str] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
@@ -136,7 +137,7 @@ class SearchServer:
                     self._json({"query": query, "results": [
                         {"url": f"{server.url}/pages/{p.name}.html", "title": p.title, "content": server.snippet(p, query), "engine": "loopback"}
                         for p in server.search(query)
-                    ]})
+                    ] + server.extra_results})
                 elif mode == "slow":
                     time.sleep(server.slow_s)
                     self._json({"results": []})

@@ -135,6 +135,14 @@ async def test_web_results_on_private_addresses_are_refused_unless_allowed(crag_
     assert "compaction_interval" not in out["context"]
 
 
+async def test_a_web_result_with_an_impossible_host_is_skipped_not_fatal(crag_settings: Settings, web: SearchServer) -> None:
+    web.extra_results = [{"url": "http://" + "a" * 64 + ".example/heron", "title": "Heron DB notes", "content": "Heron DB compacts its log."},
+                         {"url": "http://[::1/heron", "title": "Heron DB", "content": "Heron DB compacts its log."}]
+    out = await _retrieve(crag_settings, question="How often does Heron DB compact its log?")
+    assert out["web_used"] and out["strips"]
+    assert any("not a valid" in t["detail"] for t in out["trace"] if t["step"] == "fetch")
+
+
 async def test_the_token_budget_caps_the_context(crag_settings: Settings) -> None:
     out = await _retrieve(crag_settings, question="What does the Lumen cache do and how large can it grow?", token_budget=32)
     assert 0 < out["context_tokens"] <= 32
