@@ -368,13 +368,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256, default_kv_budget: int | None = None,
               default_kv_policy: str | None = None, token_verifier: Any = None, required_scope: str = "router:complete",
-              max_body_bytes: int = 4_000_000) -> _Guard:
+              max_body_bytes: int = 4_000_000, allowed_hosts: list[str] | None = None) -> _Guard:
     """The Starlette app serving ``engine`` as ``model_id``; the engine thread runs while the app does.
 
     With a `token_verifier` (anything with ``async verify_token(token) -> AccessToken | None``, the
     suite's `[auth]` verifiers), every /v1 request needs ``Authorization: Bearer`` with
     `required_scope` (OpenAI clients send their API key that way). Bodies over `max_body_bytes` get
-    413 before anything is parsed or tokenised.
+    413 before anything is parsed or tokenised. With `allowed_hosts` (``host:port``, ``host:*``), a
+    request naming another Host gets 421: bound to loopback, that is what stops DNS rebinding.
     """
     worker = AsyncEngine(engine)
     state = BackendState(worker, tokenizer, model_id, default_max_tokens, default_kv_budget, default_kv_policy, int(time.time()))
@@ -398,21 +399,31 @@ def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_toke
         lifespan=lifespan,
     )
     app.state.backend = state
-    return _Guard(app, token_verifier, required_scope, max_body_bytes)  # type: ignore[return-value]
+    return _Guard(app, token_verifier, required_scope, max_body_bytes, allowed_hosts)
 
 
 class _Guard:
     """ASGI: the bearer check and the body limit, in OpenAI's error shape, before any route runs."""
 
-    def __init__(self, app: Starlette, verifier: Any, scope: str, max_body: int) -> None:
+    def __init__(self, app: Starlette, verifier: Any, scope: str, max_body: int, allowed_hosts: list[str] | None = None) -> None:
         self.app, self.verifier, self.scope, self.max_body = app, verifier, scope, max_body
+        self.allowed_hosts = allowed_hosts or []
         self.state = app.state  # tests and the CLI reach the backend state through the app
+
+    def _host_allowed(self, host: str) -> bool:
+        if not self.allowed_hosts:
+            return True
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return any(host == pattern or (pattern.endswith(":*") and name == pattern[:-2]) for pattern in self.allowed_hosts)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not self._host_allowed(headers.get("host", "")):
+            await self._error(send, 421, f"this server does not answer for Host {headers.get('host', '')!r}", "invalid_host")
+            return
         if self.verifier is not None:
             auth = headers.get("authorization", "")
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
@@ -493,4 +504,5 @@ def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8808, log_level: 
     import uvicorn
 
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        # SIGTERM: stop taking requests, give open ones a few seconds, then go (streams are cut, not awaited).
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     backend.set_defaults(func=lambda args: (backend.print_help(), 2)[1])
 
 
+LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+
+
 def _serve(args: argparse.Namespace) -> int:
     from hydrabrain.servers.cli import settings_from
 
@@ -85,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"hydrabrain backend: --kv-budget must be at least {engine.sinks + engine.recent} tokens", file=sys.stderr)
         return 2
     app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget, default_kv_policy=policy,
-                        token_verifier=verifier, max_body_bytes=settings.auth.max_body_bytes)
+                        token_verifier=verifier, max_body_bytes=settings.auth.max_body_bytes,
+                        allowed_hosts=settings.auth.allowed_hosts or (LOOPBACK_HOSTS if auth.is_loopback(host) else None))
     print(f"hydrabrain backend: serving {args.name or model} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     api.serve(app, host, port)
     return 0

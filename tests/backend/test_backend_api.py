@@ -167,3 +167,12 @@ def test_with_api_tokens_the_backend_wants_a_bearer_key_with_the_completion_scop
         assert scoped.status_code == 403 and "router:complete" in scoped.json()["error"]["message"]
         ok = client.post("/v1/completions", json=request, headers={"Authorization": f"Bearer {good}"})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_bound_to_loopback_a_request_naming_another_host_is_refused(tiny):
+    engine = Engine(tiny.runner, tiny.tokenizer, num_blocks=64, stats=tiny.stats, prefill_chunk=64, recent=32)
+    app = build_app(engine, tiny.tokenizer, MODEL, allowed_hosts=["127.0.0.1:*", "localhost:*"])
+    with served(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/v1/models").status_code == 200
+        rebound = client.get("/v1/models", headers={"Host": "attacker.example:8808"})
+        assert rebound.status_code == 421 and rebound.json()["error"]["code"] == "invalid_host"
