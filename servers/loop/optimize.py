@@ -96,15 +96,18 @@ class Optimizer:
         target = load_target(root, target_name, self.cfg.targets)
         opt_id = optimization_id(root, target.name)
         opt = self.store.optimization(opt_id)
-        spec = {**target.model_dump(), "_implementer": self._choose(target, implementer).name}
         if opt is not None and opt.status != "running" and not fresh:
             return target_status(opt, self.store.attempts(opt_id))  # finished: report it; fresh=True starts over
-        if opt is not None and opt.status == "running" and not fresh and opt.spec != spec:
-            raise TargetError(f"target {target.name!r} changed since its optimisation started; pass fresh=True to start over "
-                              "from HEAD, or restore the target as it was to resume")
+        worker = self._choose(target, implementer)
+        spec = {**target.model_dump(), "_implementer": worker.name}
+        if opt is not None and opt.status == "running" and not fresh:
+            if {k: v for k, v in opt.spec.items() if k != "_implementer"} != target.model_dump():
+                raise TargetError(f"target {target.name!r} changed since its optimisation started; pass fresh=True to start "
+                                  "over from HEAD, or restore the target as it was to resume")
+            if opt.spec.get("_implementer") != worker.name:
+                opt = self._save(opt, spec=spec)  # a resumed run may hand over to the other implementer
         if opt is None or fresh:
             opt = self._start(root, target, opt_id, spec)
-        worker = self._choose(target, implementer)
         return self._continue(root, target, opt, worker, max_new)
 
     def _choose(self, target: Target, implementer: str) -> Implementer:
