@@ -167,6 +167,12 @@ class LoopConfig(Section):
     commit_scan_depth: int = Field(20, ge=0, description="Recent commits scanned for new TODO/FIXME lines and untested changes")
     max_changed_files: int = Field(25, ge=1, description="Scope check: most files one finding's change may touch")
     reviewer: bool = Field(True, description="Ask the configured LLM for a skeptical review during verify (needs a provider)")
+    allowed_repos: list[str] | None = Field(
+        None, description="Repositories (or folders holding them) the loop server may run commands in; unset: the current folder over stdio, none over HTTP"
+    )
+    pass_env: list[str] = Field(
+        default_factory=list, description="Environment variables repository commands and the implementer may see besides PATH, HOME, locale and the like (e.g. the agent CLI's API key)"
+    )
     max_attempts: int = Field(5, ge=1, description="Attempts per finding before it is closed as too hard; each attempt is a commit on its branch")
     memory: str = Field("suite", description="Where attempts, outcomes and lessons go: suite (the memory server, in process), off, or a running memory server's URL")
     targets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Optimisation targets by name (benchmark, metric, direction, test, scope, search); a repo's own hydrabrain.toml may hold them too")

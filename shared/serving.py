@@ -84,6 +84,7 @@ def http_app(server: MCPServer[Any], transport: Literal["sse", "http"] = "http",
     body limit, Host check and a protected-resource metadata document that lists the scopes."""
     settings: Settings = server.hydrabrain_settings  # type: ignore[attr-defined]
     scopes: auth.ToolScopes = server.hydrabrain_scopes  # type: ignore[attr-defined]
+    server.hydrabrain_transport = transport  # type: ignore[attr-defined]  # tools that must be stricter over a network read it
     cfg = settings.auth
     security = None
     if cfg.allowed_hosts:

@@ -28,7 +28,7 @@ from . import feedback
 from .implementers import AgentImplementer, AttemptJob
 from .memory_link import MemoryLink
 from .optimize import Optimizer, TargetStatus, optimization_id, target_status
-from .process import CommandNotFound
+from .process import CommandNotFound, pass_env
 from .store import ACTIVE, Attempt, Finding, Run, Schedule, Store, Verdict, now
 from .targets import load_target
 from .verify import Check, verify_worktree
@@ -192,6 +192,7 @@ class Loop:
         self.worktree_root = (self.cfg.worktree_root or self.home / "worktrees").expanduser().resolve()
         self.stop = threading.Event()
         self.memory = MemoryLink(settings)
+        pass_env(self.cfg.pass_env)
         self._excluded: set[Path] = set()  # repos whose info/exclude already hides the task file
 
     # --- plumbing ----------------------------------------------------------------------------

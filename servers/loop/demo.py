@@ -41,7 +41,10 @@ async def _call(client: Any, tool: str, **arguments: Any) -> dict[str, Any]:
 
 
 async def run(client: Any, say: Callable[[str], None]) -> None:
-    with tempfile.TemporaryDirectory(prefix="hydrabrain-loop-demo-") as tmp:
+    # Under the current folder: over stdio that is where the loop server may run a repository's commands.
+    scratch = Path.cwd() / ".hydrabrain"
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="loop-demo-", dir=scratch) as tmp:
         repo = make_repo(Path(tmp))
         say(f"loop: a repo with a failing test at {repo}")
         found = await _call(client, "discover", repo=str(repo))

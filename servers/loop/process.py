@@ -83,6 +83,26 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+# What a repository's own commands (its tests, hooks, benchmark) see of the server's environment:
+# enough to find programs and behave, never the server's secrets. `loop.pass_env` adds names.
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "SHELL", "VIRTUAL_ENV",
+            "PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+_extra_env: tuple[str, ...] = ()
+
+
+def pass_env(names: Sequence[str]) -> None:
+    """Also hand these variables to repository commands (`loop.pass_env`, e.g. an agent CLI's API key)."""
+    global _extra_env
+    _extra_env = tuple(names)
+
+
+def scrubbed_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a command the repository controls: the allow-list plus `extra`."""
+    keep = set(BASE_ENV) | set(_extra_env)
+    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("LC_")}
+    return {**env, **(extra or {})}
+
+
 def run_command(
     argv: Sequence[str],
     *,
@@ -95,10 +115,8 @@ def run_command(
     """Run `argv` in `cwd` without a shell; kill its process group at the time or output budget."""
     argv = [str(a) for a in argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-    # Our own pytest run may leak these into a child pytest and change what it collects.
-    for leaked in ("PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "PYTEST_PLUGINS"):
-        full_env.pop(leaked, None)
+    # The repository's code runs here: it gets the scrubbed environment, not the server's secrets.
+    full_env = scrubbed_env({"PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
     started = time.monotonic()
     with log_path.open("wb") as log:
         try:

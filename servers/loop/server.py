@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
@@ -18,6 +19,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from pydantic import BaseModel, Field
 
+from hydrabrain.shared.auth import ToolScopes, current_caller
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.serving import new_server
 
@@ -27,7 +29,7 @@ from .process import CommandNotFound
 from .schedule import Scheduler
 from .store import Finding, Schedule
 from .targets import TargetError
-from .worktrees import GitError
+from .worktrees import GitError, repo_root
 
 INSTRUCTIONS = """Runs the improvement loop over a git repository the user names.
 discover(repo) lists work worth doing (failing tests, open issues, TODO/FIXME lines and untested changes from recent
@@ -88,24 +90,56 @@ def build_server(settings: Settings) -> MCPServer[Any]:
                 scheduler.shutdown()
                 tg.cancel_scope.cancel()
 
-    server = new_server("loop", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings)
+    scopes = ToolScopes("loop", resources="loop:run")
+    server = new_server("loop", instructions=INSTRUCTIONS, lifespan=lifespan, settings=settings, scopes=scopes)
+
+    def allowed_roots() -> list[Path]:
+        if settings.loop.allowed_repos is not None:
+            return [Path(p).expanduser().resolve() for p in settings.loop.allowed_repos]
+        # Over HTTP a caller could name any repository on this machine, and the loop runs that repo's
+        # own test command (its conftest.py included): nothing is allowed until the operator says so.
+        over_http = getattr(server, "hydrabrain_transport", "stdio") != "stdio" or current_caller() is not None
+        return [] if over_http else [Path.cwd().resolve()]
+
+    def confine(repo: str) -> None:
+        try:
+            root = repo_root(repo)
+        except (LoopError, GitError) as exc:
+            raise ToolError(str(exc)) from exc
+        roots = allowed_roots()
+        if not any(root == r or r in root.parents for r in roots):
+            where = ", ".join(str(r) for r in roots) or "none"
+            raise ToolError(f"the loop may not run commands in {root}: it is outside loop.allowed_repos (now: {where}). "
+                            "Add it, or a folder above it, to allowed_repos under [loop] in hydrabrain.toml")
+
+    def confine_finding(ctx: Context, finding_id: str) -> None:
+        found = _state(ctx).loop.store.finding(finding_id)
+        if found is not None:  # an unknown id gets the loop's own error
+            confine(found.repo)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def discover(repo: RepoArg, ctx: Context) -> DiscoverResult:
         """Find work in a repo (failing tests, issues, TODO/FIXME and untested changes in recent commits), ranked, deduplicated across runs."""
+        confine(repo)
         return await _off_thread(_state(ctx).loop.discover, repo)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def handoff(finding_id: FindingArg, ctx: Context) -> Handoff:
         """Give a finding its own git worktree and branch with a task file; returns where to work. Idempotent."""
+        confine_finding(ctx, finding_id)
         return await _off_thread(_state(ctx).loop.handoff, finding_id)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def verify(finding_id: FindingArg, ctx: Context) -> VerifyResult:
         """Independently check the change in a finding's worktree (tests, scope, skeptical review): PASS or FAIL with reasons."""
+        confine_finding(ctx, finding_id)
         return await _off_thread(_state(ctx).loop.verify, finding_id)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def attempts(
         finding_id: Annotated[str, Field(description="A finding_id, or an optimization_id from optimize or status")], ctx: Context
     ) -> AttemptsResult:
@@ -113,20 +147,25 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         return await _off_thread(_state(ctx).loop.attempts, finding_id)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def close(
         finding_id: FindingArg,
         ctx: Context,
         reason: Annotated[str, Field(description="Why the finding is closed without a verified fix (e.g. 'won't fix', 'duplicate')")] = "",
     ) -> Finding:
         """Close a finding without a fix and remove its worktree; its branch stays."""
+        confine_finding(ctx, finding_id)
         return await _off_thread(_state(ctx).loop.close, finding_id, reason)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def run_once(repo: RepoArg, ctx: Context) -> CycleReport:
         """Run one full cycle on a repo now: discover, hand off, implement (if configured), verify; resumes an interrupted cycle."""
+        confine(repo)
         return await _off_thread(_state(ctx).loop.run_once, repo)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def optimize(
         repo: RepoArg,
         target: Annotated[str, Field(description="A target name from [loop.targets] in the repo's hydrabrain.toml, or a target .toml file's path")],
@@ -137,9 +176,11 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         fresh: Annotated[bool, Field(description="Start over from HEAD instead of resuming or reporting the last optimisation")] = False,
     ) -> TargetStatus:
         """Improve a benchmark metric by measured attempts (tests must pass, gains must beat the noise); stops when gains stop; resumable."""
+        confine(repo)
         return await _off_thread(_state(ctx).loop.optimize, repo, target, implementer, max_attempts, fresh)
 
     @server.tool()
+    @scopes.need("loop:run")
     async def schedule(
         repo: RepoArg,
         ctx: Context,
@@ -150,6 +191,7 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         from .schedule import next_delay
 
         state = _state(ctx)
+        confine(repo)
         try:
             # Not in a worker thread: the scheduler starts tasks in the server's own task group.
             made = state.scheduler.set(repo, every_seconds, cron)
@@ -160,11 +202,14 @@ def build_server(settings: Settings) -> MCPServer[Any]:
         return ScheduleResult(repo=made.repo, active=True, schedule=made, next_in_s=round(next_delay(made), 3))
 
     @server.tool()
+    @scopes.need("loop:run")
     async def status(
         ctx: Context,
         repo: Annotated[str | None, Field(description="Limit to this repository; omit for every repo the loop knows")] = None,
     ) -> StatusResult:
         """Findings by status, the best open ones, recent cycles, schedules, and each optimisation target's best so far."""
+        if repo is not None:
+            confine(repo)
         return await _off_thread(_state(ctx).loop.status, repo)
 
     @server.resource("loop://findings/{finding_id}", mime_type="application/json")

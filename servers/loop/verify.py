@@ -20,7 +20,7 @@ from hydrabrain.shared.telemetry import get_logger, log_event
 from .discover import detect_test_command, junit_cases, with_junit
 from .process import CommandResult, run_command
 from .store import Finding
-from .worktrees import changed_files, diff_text
+from .worktrees import GitError, changed_files, diff_text, git
 
 log = get_logger("loop.verify")
 
@@ -91,13 +91,23 @@ def run_tests(
         return None, ["no test command is configured or detectable, so nothing shows the change works — set loop.test_command"], {}
     junit = log_dir / f"junit-verify-{finding.finding_id}.xml"
     junit.unlink(missing_ok=True)
+    main = Path(finding.repo)
+    before = outside_state(main)
     result = run_command(with_junit(command, junit), cwd=worktree, log_path=log_dir / f"verify-{finding.finding_id}.log",
                          timeout_s=min(settings.loop.test_timeout_s, budget_s))
-    reasons = []
+    reasons: list[str] = []
+    failures: dict[str, str] = {}
+    changed_outside = sorted(before ^ outside_state(main))
+    if changed_outside:
+        # A change's tests may only touch its own worktree; writing into the main checkout is a failure
+        # however the tests end (it is also the trace of a test suite doing what it should not).
+        names = sorted({line.split(" ", 1)[-1] for line in changed_outside})
+        reasons.append(f"the test run changed files outside the worktree, in the main checkout {main}: {', '.join(names[:10])}")
+        failures["<outside the worktree>"] = "\n".join(names[:50])
     cases = junit_cases(junit) if junit.exists() else {}
     label = " ".join(command)
-    failures = {t: text for t, (failed, _, text) in cases.items() if failed}
-    if not result.ok and not failures:
+    failures.update({t: text for t, (failed, _, text) in cases.items() if failed})
+    if not result.ok and not [t for t in failures if t != "<outside the worktree>"]:
         # No report to read (not pytest, or it died before writing one): the output's tail is all there is.
         failures = {"<test command>": result.tail(1500)}
     if result.ok:
@@ -109,6 +119,24 @@ def run_tests(
     if finding.kind == "failing_test" and not finding.key.startswith("<") and cases and finding.key not in cases:
         reasons.append(f"the originally failing test {finding.key} no longer runs — deleting or renaming a test is not a fix")
     return result, reasons, failures
+
+
+def outside_state(repo: Path) -> frozenset[str]:
+    """What a test run must leave alone: the main checkout's HEAD and each changed or untracked file with its size and time."""
+    try:
+        head = git(["rev-parse", "HEAD"], repo).strip()
+        listed = git(["status", "--porcelain=v1", "-uall", "-z"], repo).split("\0")
+    except GitError:
+        return frozenset()
+    state = {f"HEAD {head}"}
+    for entry in filter(None, listed):
+        path = repo / entry[3:]
+        try:
+            stat = path.stat()
+            state.add(f"{entry[:2]}:{stat.st_size}:{stat.st_mtime_ns} {entry[3:]}")
+        except OSError:
+            state.add(f"{entry[:2]}:gone {entry[3:]}")
+    return frozenset(state)
 
 
 def review(finding: Finding, worktree: Path, base: str, settings: Settings, tests: str) -> tuple[str | None, list[str]]:
@@ -162,7 +190,7 @@ def verify_worktree(finding: Finding, worktree: Path, base: str, settings: Setti
         reasons.extend(problems or [f"scope ok: {len(changed)} file(s) changed ({', '.join(changed[:5])})"])
     test, test_reasons, failures = run_tests(finding, worktree, settings, log_dir, budget_s)
     reasons.extend(test_reasons)
-    failed |= test is None or not test.ok or any("no longer runs" in r for r in test_reasons)
+    failed |= test is None or not test.ok or any("no longer runs" in r or "outside the worktree" in r for r in test_reasons)
     review_text = None
     objections: list[str] = []
     if settings.loop.reviewer and changed and not failed:

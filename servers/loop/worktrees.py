@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .process import scrubbed_env
+
 TASK_FILE = ".loop-task.md"
 BRANCH_PREFIX = "loop/"
 # Files a test run leaves behind that are nobody's change.
@@ -37,8 +39,10 @@ class WorktreeMissing(GitError):
 
 
 def git(args: list[str], cwd: Path, check: bool = True) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", env=env, stdin=subprocess.DEVNULL)
+    # A repository's config can make git run commands (core.fsmonitor, hooks): they get no secrets,
+    # and the fsmonitor hook is switched off outright.
+    env = scrubbed_env({"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    proc = subprocess.run(["git", "-c", "core.fsmonitor=false", *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", env=env, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise GitError(f"git {' '.join(args[:3])} failed in {cwd}: {proc.stderr.strip()}")
     return proc.stdout
@@ -46,8 +50,13 @@ def git(args: list[str], cwd: Path, check: bool = True) -> str:
 
 def repo_root(path: str | Path) -> Path:
     """The top folder of the git repository at `path`, with a clear error when there is none."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
+    try:
+        folder = Path(path).expanduser()
+        is_dir = folder.is_dir()
+    except (OSError, ValueError, RuntimeError) as exc:  # too long, NUL bytes, an unknown ~user
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+        raise NotARepo(f"{shown!r} cannot be a folder ({getattr(exc, 'strerror', None) or exc}); pass the path of a git repository") from None
+    if not str(path).strip() or not is_dir:
         raise NotARepo(f"{folder} is not a folder; pass the path of a git repository")
     proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -252,7 +252,10 @@ class Wiki:
         body = comp.source_body(text)
         if not strip_markup(body).strip():
             raise ValueError(f"{origin} has no text to ingest")
-        title = " ".join((title or comp.source_title(text, fallback)).split())[:120] or "untitled"
+        if title is not None and "\x00" in title:
+            raise ValueError("the title contains NUL bytes; give a plain-text title")
+        # Control characters would reach file names, the git log and the index: titles keep printable text only.
+        title = " ".join("".join(ch if ch.isprintable() else " " for ch in (title or comp.source_title(text, fallback))).split())[:120] or "untitled"
         source_id = slugify(title)
         digest = sha256(text)
         existing = self.sources().get(source_id)

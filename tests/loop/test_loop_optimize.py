@@ -103,11 +103,13 @@ def test_an_optimisation_killed_mid_attempt_resumes_where_it_stopped(tuned_repo,
     target.write_text(TARGET)
     (tmp_path / "kill-once").touch()
     bench_log = tmp_path / "bench.log"
-    env = {**os.environ, "KILL_ONCE": str(tmp_path / "kill-once"), "BENCH_LOG": str(bench_log)}
+    # Repository commands see only the variables loop.pass_env names (besides PATH and the like).
+    env = {**os.environ, "KILL_ONCE": str(tmp_path / "kill-once"), "BENCH_LOG": str(bench_log), "HYDRABRAIN_LOOP_PASS_ENV": "KILL_ONCE,BENCH_LOG"}
     killed = subprocess.run([sys.executable, "-m", "hydrabrain.servers.cli", "loop", "optimize", str(tuned_repo), str(target)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
 
+    settings.loop.pass_env = ["BENCH_LOG"]
     loop = Loop(settings)
     (interrupted,) = loop.store.optimizations(str(tuned_repo))
     assert interrupted.status == "running"
