@@ -191,7 +191,7 @@ class Crag:
         internal: list[Document] = []
         for name in names:
             try:
-                found = await anyio.to_thread.run_sync(self.sources.retrieve, name, question, k, user)
+                found = await anyio.to_thread.run_sync(self.sources.retrieve, name, question, k, user, abandon_on_cancel=True)
             except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
                 trace.append(TraceStep(step="retrieve", detail=f"{name}: failed ({exc})"))
                 continue

@@ -71,7 +71,8 @@ def _state(ctx: Context) -> LoopState:
 async def _off_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run blocking loop work in a worker thread; anticipated failures reach the caller as readable errors."""
     try:
-        return await anyio.to_thread.run_sync(fn, *args)
+        # Abandoned on cancel: a caller's timeout (the router's call_timeout_s) must not wait for the thread.
+        return await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
     except (LoopError, GitError, CommandNotFound, TargetError, OSError) as exc:
         # The SDK hides a plain exception's text from the model; these messages are written for it.
         raise ToolError(str(exc)) from exc

@@ -223,7 +223,7 @@ def build_server(settings: Settings) -> MCPServer:
     async def run(fn: Any, *args: Any) -> Any:
         # The SDK hides a plain exception's text from the client; ToolError carries it to the model.
         try:
-            return await anyio.to_thread.run_sync(lambda: fn(*args))
+            return await anyio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)  # a caller's timeout must not wait
         except (MemoryInputError, GraphError) as exc:
             raise ToolError(str(exc)) from None
 
@@ -246,7 +246,7 @@ def build_server(settings: Settings) -> MCPServer:
 
     async def read(fn: Any, *args: Any) -> Any:
         try:
-            return await anyio.to_thread.run_sync(lambda: fn(*args))
+            return await anyio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)  # a caller's timeout must not wait
         except (MemoryInputError, GraphError) as exc:
             raise ResourceError(str(exc)) from None
 

@@ -201,7 +201,7 @@ async def _run(fn: Callable[..., T], *args: Any) -> T:
     """Run blocking wiki work (git, embedding, SQLite) off the event loop; expected failures reach the
     model as readable tool errors (the SDK withholds the text of any other exception)."""
     try:
-        return await anyio.to_thread.run_sync(partial(fn, *args))
+        return await anyio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)  # a caller's timeout must not wait
     except (ValueError, LookupError, OSError, ConnectionError, ConflictError, GitError) as exc:
         raise ToolError(str(exc)) from exc
 
@@ -209,7 +209,7 @@ async def _run(fn: Callable[..., T], *args: Any) -> T:
 async def _read(fn: Callable[..., str], *args: Any) -> str:
     """Read a resource; a missing or malformed name is the client's to fix, so it is reported as not found."""
     try:
-        return await anyio.to_thread.run_sync(partial(fn, *args))
+        return await anyio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)  # a caller's timeout must not wait
     except (NotFound, SlugError, WikiPathError) as exc:
         raise ResourceNotFoundError(str(exc)) from exc
 
