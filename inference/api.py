@@ -368,13 +368,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256, default_kv_budget: int | None = None,
               default_kv_policy: str | None = None, token_verifier: Any = None, required_scope: str = "router:complete",
-              max_body_bytes: int = 4_000_000, allowed_hosts: list[str] | None = None) -> _Guard:
+              max_body_bytes: int = 4_000_000, allowed_hosts: list[str] | None = None, body_timeout_s: float = 30.0) -> _Guard:
     """The Starlette app serving ``engine`` as ``model_id``; the engine thread runs while the app does.
 
     With a `token_verifier` (anything with ``async verify_token(token) -> AccessToken | None``, the
     suite's `[auth]` verifiers), every /v1 request needs ``Authorization: Bearer`` with
     `required_scope` (OpenAI clients send their API key that way). Bodies over `max_body_bytes` get
-    413 before anything is parsed or tokenised. With `allowed_hosts` (``host:port``, ``host:*``), a
+    413 before anything is parsed or tokenised, and a body slower than `body_timeout_s` gets 408. With `allowed_hosts` (``host:port``, ``host:*``), a
     request naming another Host gets 421: bound to loopback, that is what stops DNS rebinding.
     """
     worker = AsyncEngine(engine)
@@ -399,14 +399,29 @@ def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_toke
         lifespan=lifespan,
     )
     app.state.backend = state
-    return _Guard(app, token_verifier, required_scope, max_body_bytes, allowed_hosts)
+    return _Guard(app, token_verifier, required_scope, max_body_bytes, allowed_hosts, body_timeout_s)
+
+
+def _replaying(body: bytes, upstream: Any) -> Any:
+    """A `receive` that hands over the already-read body once, then the client's own messages (disconnects)."""
+    delivered = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await upstream()
+
+    return replay
 
 
 class _Guard:
     """ASGI: the bearer check and the body limit, in OpenAI's error shape, before any route runs."""
 
-    def __init__(self, app: Starlette, verifier: Any, scope: str, max_body: int, allowed_hosts: list[str] | None = None) -> None:
-        self.app, self.verifier, self.scope, self.max_body = app, verifier, scope, max_body
+    def __init__(self, app: Starlette, verifier: Any, scope: str, max_body: int, allowed_hosts: list[str] | None = None,
+                 body_timeout_s: float = 30.0) -> None:
+        self.app, self.verifier, self.scope, self.max_body, self.body_timeout_s = app, verifier, scope, max_body, body_timeout_s
         self.allowed_hosts = allowed_hosts or []
         self.state = app.state  # tests and the CLI reach the backend state through the app
 
@@ -436,26 +451,33 @@ class _Guard:
                 await self._error(send, 403, f"this token lacks the '{self.scope}' scope the backend needs", "insufficient_scope",
                                   f'Bearer error="insufficient_scope", scope="{self.scope}"'.encode())
                 return
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await self._error(send, 413, f"the request body is over {self.max_body} bytes", "request_too_large")
-            return
-        if length is None and scope.get("method") == "POST":
-            receive = self._bounded(receive, send)
+        if scope.get("method") == "POST":
+            body = await self._read_body(receive, send)
+            if body is None:
+                return
+            receive = _replaying(body, receive)
         await self.app(scope, receive, send)
 
-    def _bounded(self, receive: Any, send: Any) -> Any:
-        seen = 0
-
-        async def bounded() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise APIError(413, f"the request body is over {self.max_body} bytes", code="request_too_large")
-            return message
-
-        return bounded
+    async def _read_body(self, receive: Any, send: Any) -> bytes | None:
+        """The whole body, or None once a 413/408 has been sent (too big, or too slow to arrive)."""
+        chunks: list[bytes] = []
+        size, more = 0, True
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return None  # the client left before sending its request
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_body:
+                        await self._error(send, 413, f"the request body is over {self.max_body} bytes", "request_too_large")
+                        return None
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            await self._error(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s", "request_timeout")
+            return None
+        return b"".join(chunks)
 
     async def _error(self, send: Any, status: int, message: str, code: str, challenge: bytes | None = None) -> None:
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}).encode()

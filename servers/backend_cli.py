@@ -88,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"hydrabrain backend: --kv-budget must be at least {engine.sinks + engine.recent} tokens", file=sys.stderr)
         return 2
     app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget, default_kv_policy=policy,
-                        token_verifier=verifier, max_body_bytes=settings.auth.max_body_bytes,
+                        token_verifier=verifier, max_body_bytes=settings.auth.max_body_bytes, body_timeout_s=settings.auth.body_timeout_s,
                         allowed_hosts=settings.auth.allowed_hosts or (LOOPBACK_HOSTS if auth.is_loopback(host) else None))
     print(f"hydrabrain backend: serving {args.name or model} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
     api.serve(app, host, port)

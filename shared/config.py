@@ -203,6 +203,7 @@ class AuthConfig(Section):
     jwks_cache_s: float = Field(300.0, gt=0, description="jwt: how long a fetched JWKS is trusted before refetching")
     jwks_refetch_cooldown_s: float = Field(30.0, ge=0, description="jwt: least time between refetches forced by unknown key ids")
     max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest HTTP request body accepted (413 beyond)")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest wait for an HTTP request's body to arrive (408 beyond): a client sending a byte a second holds nothing for long")
     allowed_hosts: list[str] = Field(default_factory=list, description="Host headers accepted when bound to a non-loopback address (host:port, * for any port); empty accepts any")
 
 

@@ -94,6 +94,8 @@ def http_app(server: MCPServer[Any], transport: Literal["sse", "http"] = "http",
         app = server.sse_app(max_request_body_size=cfg.max_body_bytes, transport_security=security, host=host)
     else:
         app = server.streamable_http_app(max_request_body_size=cfg.max_body_bytes, transport_security=security, host=host)
+    # Outermost: a body that is too big or too slow is answered before anything else reads it.
+    app.user_middleware.insert(0, Middleware(RequestLimits, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s))
     if server.settings.auth is not None:
         resource = AnyHttpUrl(auth.resource_url(cfg))
         metadata_url = str(build_resource_metadata_url(resource))
@@ -104,6 +106,56 @@ def http_app(server: MCPServer[Any], transport: Literal["sse", "http"] = "http",
                                                   scopes_supported=scopes.all(), resource_name=server.name)
         app.router.routes[0:0] = routes
     return app
+
+
+class RequestLimits:
+    """ASGI: read a POST body whole, within `max_body_bytes` (413) and `body_timeout_s` (408), then pass it on."""
+
+    def __init__(self, app: Any, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.app, self.max_body, self.timeout_s = app, max_body_bytes, body_timeout_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        import anyio
+
+        chunks: list[bytes] = []
+        size, more = 0, True
+        with anyio.move_on_after(self.timeout_s) as waited:
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away before sending its request
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_body:
+                    await _plain_error(send, 413, "request_too_large", f"the request body is over {self.max_body} bytes ([auth] max_body_bytes)")
+                    return
+                more = message.get("more_body", False)
+        if waited.cancelled_caught:
+            await _plain_error(send, 408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s ([auth] body_timeout_s)")
+            return
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Any:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _plain_error(send: Any, status: int, error: str, description: str) -> None:
+    import json
+
+    data = json.dumps({"error": error, "error_description": description}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def run(server: MCPServer[Any], transport: Transport, host: str = "127.0.0.1", port: int = 8000, *, insecure_no_auth: bool = False) -> None:

@@ -176,3 +176,21 @@ def test_bound_to_loopback_a_request_naming_another_host_is_refused(tiny):
         assert client.get("/v1/models").status_code == 200
         rebound = client.get("/v1/models", headers={"Host": "attacker.example:8808"})
         assert rebound.status_code == 421 and rebound.json()["error"]["code"] == "invalid_host"
+
+
+def _slow_post(url: str, path: str) -> bytes:
+    """A client that announces a body and sends a sliver of it, then stalls: returns the raw response."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\"".encode())
+        return sock.recv(4096)
+
+
+def test_a_body_that_never_finishes_arriving_gets_408(tiny):
+    engine = Engine(tiny.runner, tiny.tokenizer, num_blocks=64, stats=tiny.stats, prefill_chunk=64, recent=32)
+    with served(build_app(engine, tiny.tokenizer, MODEL, body_timeout_s=1)) as url:
+        answer = _slow_post(url, "/v1/completions")
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer

@@ -285,3 +285,20 @@ async def test_through_the_router_a_call_is_allowed_exactly_when_the_direct_call
             # the memory server refuses it, as it would refuse carol's token directly
             with pytest.raises(MCPError, match="'memory:write' scope"):
                 await client.call_tool("memory_start_session", {})
+
+
+def test_a_slow_or_oversized_body_gets_408_or_413_before_the_server_reads_it(settings: Settings) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    settings.auth.body_timeout_s = 1
+    settings.auth.max_body_bytes = 2048
+    settings.router.mount = []
+    with served(settings, "router") as url:
+        where = urlparse(url)
+        with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+            sock.sendall(f"POST /mcp HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{{".encode())
+            slow = sock.recv(4096)
+        big = httpx2.post(f"{url}/mcp", content=b"x" * 5000, headers=MCP_HEADERS, timeout=30)
+    assert slow.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in slow
+    assert big.status_code == 413 and "max_body_bytes" in big.json()["error_description"]
