@@ -302,3 +302,34 @@ def test_a_slow_or_oversized_body_gets_408_or_413_before_the_server_reads_it(set
         big = httpx2.post(f"{url}/mcp", content=b"x" * 5000, headers=MCP_HEADERS, timeout=30)
     assert slow.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in slow
     assert big.status_code == 413 and "max_body_bytes" in big.json()["error_description"]
+
+
+CHEAP_CALLS = {
+    "wiki": ("lint", {}, "wiki:read"),
+    "memory": ("recall", {"query": "anything"}, "memory:read"),
+    "crag": ("evaluate", {"question": "What is Lumen?", "documents": ["Lumen is a cache."]}, "crag:read"),
+    "loop": ("status", {}, "loop:run"),
+    "router": ("route", {"task": "general"}, "router:complete"),
+}
+
+
+@pytest.mark.parametrize("name", list(CHEAP_CALLS))
+async def test_each_server_over_http_wants_a_valid_token_with_its_tools_scope(name: str, settings: Settings, idp: IdentityProvider) -> None:
+    jwt_settings(settings, idp)
+    settings.router.mount = []
+    settings.loop.memory = "off"
+    tool, arguments, scope = CHEAP_CALLS[name]
+    with served(settings, name) as url:
+        aud = f"{url}/mcp"
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
+        async with httpx2.AsyncClient(timeout=60) as http:
+            anonymous = await http.post(aud, json=INITIALIZE, headers=MCP_HEADERS)
+            expired = await http.post(aud, json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": f"Bearer {idp.token('alice', scope, aud, expires_in=-120)}"})
+            other = "wiki:write" if scope != "wiki:write" else "memory:read"
+            unscoped = await http.post(aud, json=call, headers={**MCP_HEADERS, "Authorization": f"Bearer {idp.token('alice', other, aud)}"})
+        assert anonymous.status_code == 401 and expired.status_code == 401
+        assert unscoped.status_code == 403 and f'scope="{scope}"' in unscoped.headers["www-authenticate"]
+        async with as_user(url, idp.token("alice", scope, aud)) as client:
+            assert tool in {t.name for t in (await client.list_tools()).tools}
+            result = await client.call_tool(tool, arguments)
+            assert not result.is_error, text(result)
