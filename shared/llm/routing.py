@@ -112,7 +112,8 @@ def backend_provider(settings: Settings) -> ProviderConfig:
     """The suite's own inference backend, free and small: bulk and summarising work at tier 1."""
     b = settings.backend
     return ProviderConfig(
-        name="backend", kind="openai", base_url=f"http://{b.host}:{b.port}/v1", timeout_s=120.0,
+        # A backend served with [auth] wants a bearer token (scope router:complete): the router sends this one.
+        name="backend", kind="openai", base_url=f"http://{b.host}:{b.port}/v1", timeout_s=120.0, api_key_env="HYDRABRAIN_BACKEND_TOKEN",
         models=[ModelPrice(name=b.model, context_window=8192, tasks={"general": 1, "bulk": 1, "summarise": 1, "classify": 1, "extract": 1})],
     )
 
