@@ -135,6 +135,7 @@ class CycleReport(BaseModel):
     stopped: str | None = Field(None, description="Which budget ended the cycle early, if any")
     overhead_s: float = Field(0.0, description="Cycle time not spent inside the repo's commands")
     command_s: float = Field(0.0, description="Time spent inside the repo's commands (tests, implementer)")
+    by: str | None = Field(None, description="Who asked for the cycle (the token's user over HTTP); None for stdio and schedules")
 
 
 class RepoStatus(BaseModel):
@@ -507,12 +508,13 @@ class Loop:
 
     # --- one cycle ---------------------------------------------------------------------------
 
-    def run_once(self, repo: str | Path) -> CycleReport:
+    def run_once(self, repo: str | Path, by: str | None = None) -> CycleReport:
+        """One cycle on `repo`; `by` is recorded with the run as who asked for it."""
         root = repo_root(repo)
         with self.lock(root):
-            return self._cycle(root)
+            return self._cycle(root, by)
 
-    def _cycle(self, root: Path) -> CycleReport:
+    def _cycle(self, root: Path, by: str | None = None) -> CycleReport:
         started = time.monotonic()
         budget = _Budget(self.cfg.cycle_timeout_s, self.cfg.max_commands_per_cycle, self.stop)
         unfinished = self.store.unfinished_run(str(root))
@@ -522,7 +524,7 @@ class Loop:
             self.store.claim_run(run.run_id, os.getpid())
         else:
             run = self.store.start_run(f"r-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}", str(root), os.getpid(), now())
-        report = CycleReport(run_id=run.run_id, repo=str(root), status="running", resumed=unfinished is not None, plan=run.plan)
+        report = CycleReport(run_id=run.run_id, repo=str(root), status="running", resumed=unfinished is not None, plan=run.plan, by=by)
         log_dir = self._log_dir(run.run_id)
         try:
             if self.store.step_done(run.run_id, "*", "discover") is None:
@@ -558,7 +560,7 @@ class Loop:
     def _finish(self, run: Run, report: CycleReport, started: float, budget: _Budget, error: str | None = None) -> None:
         report.command_s = round(budget.command_s, 4)
         report.overhead_s = round(time.monotonic() - started - budget.command_s, 4)
-        summary: dict[str, Any] = report.model_dump(include={"discovered", "verdicts", "stopped", "overhead_s", "command_s", "resumed"})
+        summary: dict[str, Any] = report.model_dump(include={"discovered", "verdicts", "stopped", "overhead_s", "command_s", "resumed", "by"})
         self.store.finish_run(run.run_id, report.status, summary, now(), error)
         log_event(log, "cycle", run=run.run_id, status=report.status, verdicts=report.verdicts, stopped=report.stopped)
 

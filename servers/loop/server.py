@@ -163,7 +163,8 @@ def build_server(settings: Settings) -> MCPServer[Any]:
     async def run_once(repo: RepoArg, ctx: Context) -> CycleReport:
         """Run one full cycle on a repo now: discover, hand off, implement (if configured), verify; resumes an interrupted cycle."""
         confine(repo)
-        return await _off_thread(_state(ctx).loop.run_once, repo)
+        caller = current_caller()
+        return await _off_thread(_state(ctx).loop.run_once, repo, caller.user if caller else None)
 
     @server.tool()
     @scopes.need("loop:run")

@@ -333,3 +333,22 @@ async def test_each_server_over_http_wants_a_valid_token_with_its_tools_scope(na
             assert tool in {t.name for t in (await client.list_tools()).tools}
             result = await client.call_tool(tool, arguments)
             assert not result.is_error, text(result)
+
+
+async def test_a_loop_cycle_records_who_asked_for_it(settings: Settings, idp: IdentityProvider, tmp_path) -> None:
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "green"]):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True, capture_output=True)
+    jwt_settings(settings, idp)
+    settings.loop.memory = "off"
+    settings.loop.allowed_repos = [str(repo)]
+    with served(settings, "loop") as url:
+        async with as_user(url, idp.token("alice", "loop:run", f"{url}/mcp")) as client:
+            cycle = await client.call_tool("run_once", {"repo": str(repo)})
+            assert not cycle.is_error, text(cycle)
+            run = json.loads((await client.read_resource(f"loop://runs/{cycle.structured_content['run_id']}")).contents[0].text)
+    assert cycle.structured_content["by"] == "alice" and run["summary"]["by"] == "alice"
