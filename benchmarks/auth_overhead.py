@@ -18,9 +18,7 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from hydrabrain.shared import serving
 from hydrabrain.shared.auth import TokenStore
@@ -38,24 +39,10 @@ from hydrabrain.shared.config import load_settings
 ROOT = Path(__file__).resolve().parent
 
 
-def _jwks_server(key: Any) -> tuple[ThreadingHTTPServer, str]:
+def _jwks_app(key: Any) -> Starlette:
+    """An identity provider's JWKS endpoint, publishing `key` under the kid "bench"."""
     jwk = {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), "kid": "bench", "use": "sig", "alg": "RS256"}
-    body = json.dumps({"keys": [jwk]}).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+    return Starlette(routes=[Route("/jwks.json", lambda request: JSONResponse({"keys": [jwk]}))])
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -92,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/auth_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwks, issuer = _jwks_server(key)
-    with tempfile.TemporaryDirectory() as home:
+    with tempfile.TemporaryDirectory() as home, serving.in_background(_jwks_app(key)) as issuer:
         base = {"home": home, "log_level": "WARNING", "router": {"mount": []}}
         ports = {name: serving.free_port() for name in ("none", "jwt", "tokens")}
         settings = {
@@ -106,13 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         claims = {"sub": "bench", "scope": "router:complete", "aud": f"http://127.0.0.1:{ports['jwt']}/mcp", "iss": issuer, "iat": now, "exp": now + 3600}
         tokens = {"none": None, "jwt": jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"}),
                   "tokens": TokenStore(Path(home)).create("bench", "router:complete")[0]}
-        urls: dict[str, tuple[str, str | None]] = {}
-        with serving.in_background(serving.http_app(serving.build("router", settings["none"])), port=ports["none"]) as u_none, \
-                serving.in_background(serving.http_app(serving.build("router", settings["jwt"])), port=ports["jwt"]) as u_jwt, \
-                serving.in_background(serving.http_app(serving.build("router", settings["tokens"])), port=ports["tokens"]) as u_tok:
-            urls = {"none": (u_none, None), "jwt": (u_jwt, tokens["jwt"]), "tokens": (u_tok, tokens["tokens"])}
+        with contextlib.ExitStack() as stack:
+            urls = {name: (stack.enter_context(serving.in_background(serving.http_app(serving.build("router", cfg)), port=ports[name])), tokens[name])
+                    for name, cfg in settings.items()}
             timings = anyio.run(_measure, urls, args.calls, args.warmup)
-    jwks.shutdown()
 
     rows = {name: {"p50_ms": round(statistics.median(t), 3), "p90_ms": round(_percentile(t, 0.9), 3), "calls": len(t)} for name, t in timings.items()}
     result = {

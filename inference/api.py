@@ -475,15 +475,17 @@ class _Guard:
                         return None
                     more = message.get("more_body", False)
         except TimeoutError:
-            await self._error(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s", "request_timeout")
+            await self._error(send, 408, f"the request body did not arrive within {self.body_timeout_s:g} s", "request_timeout", close=True)
             return None
         return b"".join(chunks)
 
-    async def _error(self, send: Any, status: int, message: str, code: str, challenge: bytes | None = None) -> None:
+    async def _error(self, send: Any, status: int, message: str, code: str, challenge: bytes | None = None, close: bool = False) -> None:
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if challenge:
             headers.append((b"www-authenticate", challenge))
+        if close:  # the rest of the body never came: the connection cannot carry another request
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

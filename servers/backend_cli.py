@@ -49,15 +49,14 @@ def _serve(args: argparse.Namespace) -> int:
     budget = args.kv_budget if args.kv_budget is not None else cfg.kv_budget_tokens
     policy = args.kv_policy or cfg.kv_policy
 
-    from hydrabrain.shared import auth
+    from hydrabrain.shared import auth, serving
 
     try:
         auth.check_bind(host, settings.auth, insecure_no_auth=args.insecure_no_auth, what="the inference backend")
     except ValueError as exc:
         print(f"hydrabrain backend: {exc}", file=sys.stderr)
         return 2
-    if settings.auth.public_url is None:
-        settings.auth.public_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    serving.public_url_for(settings, host, port)
     verifier = auth.token_verifier(settings, path="/v1")  # the same [auth] modes as the MCP servers; scope router:complete
     from hydrabrain.inference import api
     from hydrabrain.inference.engine import RequestRejected

@@ -37,7 +37,7 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.shared.exceptions import MCPError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hydrabrain.shared.config import AuthConfig, ConfigError, Settings
 from hydrabrain.shared.telemetry import get_logger
@@ -422,62 +422,51 @@ class ScopeCheck:
             return await call_next(ctx)
 
 
+# Where `serving.RequestLimits` leaves the request body it has read, so later layers need not read it again.
+REQUEST_BODY = "hydrabrain.request_body"
+
+
 class ScopeGate:
     """ASGI middleware inside the bearer middleware: 403 with `insufficient_scope` for a request whose
-    token lacks the scope, before the server sees it (what the MCP spec asks of a resource server)."""
+    token lacks the scope, before the server sees it (what the MCP spec asks of a resource server).
 
-    def __init__(self, app: ASGIApp, scopes: ToolScopes, metadata_url: str, max_body_bytes: int) -> None:
-        self.app, self.scopes, self.metadata_url, self.max_body = app, scopes, metadata_url, max_body_bytes
+    It reads the body `serving.RequestLimits` buffered; without one it lets the request through, and
+    `ScopeCheck` inside the server still refuses it (as a JSON-RPC error rather than a 403).
+    """
+
+    def __init__(self, app: ASGIApp, scopes: ToolScopes, metadata_url: str) -> None:
+        self.app, self.scopes, self.metadata_url = app, scopes, metadata_url
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         user = scope.get("user")
-        if scope["type"] != "http" or scope.get("method") != "POST" or not isinstance(user, AuthenticatedUser):
-            await self.app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, _replay([message], receive), send)
+        body = scope.get(REQUEST_BODY)
+        if scope["type"] == "http" and isinstance(user, AuthenticatedUser) and isinstance(body, bytes):
+            refusal = self._refusal(Caller.from_token(user.access_token), body)
+            if refusal is not None:
+                need, description = refusal
+                header = f'Bearer error="insufficient_scope", scope="{need}", resource_metadata="{self.metadata_url}"'
+                await send_json(send, 403, {"error": "insufficient_scope", "error_description": description},
+                                [(b"www-authenticate", header.encode())])
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await _json_response(send, 413, {"error": "request_too_large", "error_description": f"request body over {self.max_body} bytes ([auth] max_body_bytes)"})
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        caller = Caller.from_token(user.access_token)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, caller: Caller, body: bytes) -> tuple[str, str] | None:
+        """(scope, message) for the first JSON-RPC message the caller may not send, or None."""
         try:
             payload = json.loads(body)
         except ValueError:
-            payload = None
+            return None  # not JSON: the transport answers that
         for msg in payload if isinstance(payload, list) else [payload]:
             if not isinstance(msg, dict):
                 continue
             need = self.scopes.needed(str(msg.get("method", "")), msg.get("params") if isinstance(msg.get("params"), dict) else None)
             if need and not caller.allows(need[0]):
-                description = _insufficient(need[0], need[1], caller)
-                header = f'Bearer error="insufficient_scope", scope="{need[0]}", resource_metadata="{self.metadata_url}"'
-                await _json_response(send, 403, {"error": "insufficient_scope", "error_description": description},
-                                     [(b"www-authenticate", header.encode())])
-                return
-        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+                return need[0], _insufficient(need[0], need[1], caller)
+        return None
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
-
-
-async def _json_response(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A whole JSON response sent straight from ASGI middleware."""
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *(headers or [])]})

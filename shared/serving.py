@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
 from mcp.server.auth.settings import AuthSettings
@@ -100,7 +101,7 @@ def http_app(server: MCPServer[Any], transport: Literal["sse", "http"] = "http",
         resource = AnyHttpUrl(auth.resource_url(cfg))
         metadata_url = str(build_resource_metadata_url(resource))
         # Appended last, so it runs inside the SDK's bearer middleware and sees the verified token.
-        app.user_middleware.append(Middleware(auth.ScopeGate, scopes=scopes, metadata_url=metadata_url, max_body_bytes=cfg.max_body_bytes))
+        app.user_middleware.append(Middleware(auth.ScopeGate, scopes=scopes, metadata_url=metadata_url))
         # Ours first: the same document as the SDK's, naming the scopes this server's tools need.
         routes = create_protected_resource_routes(resource, [AnyHttpUrl(auth.authorization_server(cfg))],
                                                   scopes_supported=scopes.all(), resource_name=server.name)
@@ -109,7 +110,8 @@ def http_app(server: MCPServer[Any], transport: Literal["sse", "http"] = "http",
 
 
 class RequestLimits:
-    """ASGI: read a POST body whole, within `max_body_bytes` (413) and `body_timeout_s` (408), then pass it on."""
+    """ASGI: read a POST body whole, within `max_body_bytes` (413) and `body_timeout_s` (408), then pass it on
+    (and leave it in the scope under `auth.REQUEST_BODY` for the scope gate)."""
 
     def __init__(self, app: Any, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app, self.max_body, self.timeout_s = app, max_body_bytes, body_timeout_s
@@ -118,8 +120,6 @@ class RequestLimits:
         if scope["type"] != "http" or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        import anyio
-
         chunks: list[bytes] = []
         size, more = 0, True
         with anyio.move_on_after(self.timeout_s) as waited:
@@ -130,13 +130,17 @@ class RequestLimits:
                 chunks.append(message.get("body", b""))
                 size += len(chunks[-1])
                 if size > self.max_body:
-                    await _plain_error(send, 413, "request_too_large", f"the request body is over {self.max_body} bytes ([auth] max_body_bytes)")
+                    await auth.send_json(send, 413, {"error": "request_too_large",
+                                                     "error_description": f"the request body is over {self.max_body} bytes ([auth] max_body_bytes)"})
                     return
                 more = message.get("more_body", False)
         if waited.cancelled_caught:
-            await _plain_error(send, 408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s ([auth] body_timeout_s)")
+            await auth.send_json(send, 408, {"error": "request_timeout",
+                                             "error_description": f"the request body did not arrive within {self.timeout_s:g} s ([auth] body_timeout_s)"},
+                                 [(b"connection", b"close")])
             return
         body = b"".join(chunks)
+        scope[auth.REQUEST_BODY] = body
         delivered = False
 
         async def replay() -> Any:
@@ -147,15 +151,6 @@ class RequestLimits:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-async def _plain_error(send: Any, status: int, error: str, description: str) -> None:
-    import json
-
-    data = json.dumps({"error": error, "error_description": description}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": data})
 
 
 def run(server: MCPServer[Any], transport: Transport, host: str = "127.0.0.1", port: int = 8000, *, insecure_no_auth: bool = False) -> None:

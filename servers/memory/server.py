@@ -18,8 +18,8 @@ from hydrabrain.servers.memory.core import ConsolidationResult, MemoryInputError
 from hydrabrain.servers.memory.episodes import Lesson
 from hydrabrain.servers.memory.facts import Fact
 from hydrabrain.servers.memory.timeutil import to_iso
-from hydrabrain.shared.config import Settings
 from hydrabrain.shared.auth import PermissionDenied, ToolScopes, user_for
+from hydrabrain.shared.config import Settings
 from hydrabrain.shared.graph import GraphError
 from hydrabrain.shared.serving import new_server
 from hydrabrain.shared.telemetry import get_logger, log_event
@@ -227,22 +227,16 @@ def build_server(settings: Settings) -> MCPServer:
         except (MemoryInputError, GraphError) as exc:
             raise ToolError(str(exc)) from None
 
-    def whose(user: str | None) -> str:
+    def whose(user: str | None, error: type[Exception] = ToolError) -> str:
         # The token decides whose memory this is; naming another user needs the admin scope.
         try:
             return user_for(user)
         except PermissionDenied as exc:
-            raise ToolError(str(exc)) from None
+            raise error(str(exc)) from None
 
     async def own_session(ctx: Context, session_id: str) -> None:
         session = await run(state(ctx).service.session, session_id)
         whose(session.user)
-
-    def readable(user: str) -> str:
-        try:
-            return user_for(user)
-        except PermissionDenied as exc:
-            raise ResourceError(str(exc)) from None
 
     async def read(fn: Any, *args: Any) -> Any:
         try:
@@ -366,18 +360,18 @@ def build_server(settings: Settings) -> MCPServer:
 
     @server.resource("memory://user/{user}/lessons", mime_type="application/json", description="The user's lessons, best supported first")
     async def user_lessons(user: str, ctx: Context) -> str:
-        lessons = await read(state(ctx).service.lessons, readable(user))
+        lessons = await read(state(ctx).service.lessons, whose(user, ResourceError))
         return json.dumps([lesson_out(x).model_dump() for x in lessons], indent=2)
 
     @server.resource("memory://user/{user}/facts", mime_type="application/json", description="The user's current facts")
     async def user_facts(user: str, ctx: Context) -> str:
-        facts = await read(state(ctx).service.facts, readable(user))
+        facts = await read(state(ctx).service.facts, whose(user, ResourceError))
         return json.dumps([fact_out(f).model_dump() for f in facts], indent=2)
 
     @server.resource("memory://session/{session_id}", mime_type="application/json", description="A session and its episodes in order")
     async def session_record(session_id: str, ctx: Context) -> str:
         s, episodes = await read(state(ctx).service.session_view, session_id)
-        readable(s.user)
+        whose(s.user, ResourceError)
         return json.dumps({
             "session_id": s.id, "user": s.user, "team": s.team, "task": s.task,
             "started_at": to_iso(s.started_at), "ended_at": to_iso(s.ended_at),

@@ -4,12 +4,10 @@ memories are theirs alone: real servers on loopback, a real JWKS endpoint, the o
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx2
@@ -20,6 +18,9 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import ProtectedResourceMetadata
 from mcp.shared.exceptions import MCPError
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from hydrabrain.servers.cli import main
 from hydrabrain.shared import serving
@@ -36,7 +37,6 @@ pytestmark = pytest.mark.anyio
 class IdentityProvider:
     url: str
     keys: dict[str, Any] = field(default_factory=dict)  # kid -> private key, all published
-    fetches: int = 0
 
     @property
     def issuer(self) -> str:
@@ -66,27 +66,11 @@ class IdentityProvider:
 @pytest.fixture
 def idp() -> Iterator[IdentityProvider]:
     provider = IdentityProvider(url="")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            provider.fetches += 1
-            body = json.dumps(provider.jwks()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    provider.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     provider.add_key("k1")
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield provider
-    httpd.shutdown()
+    jwks = Starlette(routes=[Route("/jwks.json", lambda request: JSONResponse(provider.jwks()))])
+    with serving.in_background(jwks) as url:
+        provider.url = url
+        yield provider
 
 
 # --- the suite's servers over streamable HTTP ----------------------------------------------------
@@ -298,7 +282,7 @@ def test_a_slow_or_oversized_body_gets_408_or_413_before_the_server_reads_it(set
         where = urlparse(url)
         with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
             sock.sendall(f"POST /mcp HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{{".encode())
-            slow = sock.recv(4096)
+            slow = b"".join(iter(lambda: sock.recv(4096), b""))  # the server answers and closes
         big = httpx2.post(f"{url}/mcp", content=b"x" * 5000, headers=MCP_HEADERS, timeout=30)
     assert slow.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in slow
     assert big.status_code == 413 and "max_body_bytes" in big.json()["error_description"]
