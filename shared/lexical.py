@@ -212,8 +212,11 @@ class LexicalIndex:
             rows = self._db.execute(sql, [match, *args, k]).fetchall()
         return [LexicalHit(r[0], float(r[1]), json.loads(r[2])) for r in rows]
 
-    def scoped_search(self, terms: Sequence[str], k: int, where: Mapping[str, Any], weights: Mapping[str, float] | None = None) -> list[LexicalHit]:
-        """BM25 with the statistics of one scope (``where[scope_field]``); `weights` scale each term's IDF."""
+    def scoped_search(
+        self, terms: Sequence[str], k: int, where: Mapping[str, Any], weights: Mapping[str, float] | None = None, b: float = BM25_B
+    ) -> list[LexicalHit]:
+        """BM25 with the statistics of one scope (``where[scope_field]``); `weights` scale each term's IDF;
+        `b` is the length normalisation (0: none, 1: full)."""
         scope = str(where[self.scope_field or ""])
         unique = list(dict.fromkeys(terms))
         if not unique:
@@ -233,7 +236,7 @@ class LexicalIndex:
             scores: dict[int, float] = {}
             for term, rid, tf, length in postings:
                 idf = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5)) * (weights.get(term, 1.0) if weights else 1.0)
-                norm = tf * (BM25_K1 + 1) / (tf + BM25_K1 * (1 - BM25_B + BM25_B * length / max(avg_len or 1.0, 1e-9)))
+                norm = tf * (BM25_K1 + 1) / (tf + BM25_K1 * (1 - b + b * length / max(avg_len or 1.0, 1e-9)))
                 scores[rid] = scores.get(rid, 0.0) + idf * norm
             ranked = sorted(scores.items(), key=lambda x: (-x[1], x[0]))
             hits: list[LexicalHit] = []

@@ -23,14 +23,28 @@ import numpy as np
 from hydrabrain.servers.memory import lessons as lesson_logic
 from hydrabrain.servers.memory.episodes import KINDS, Episode, EpisodeLog, Lesson, Session
 from hydrabrain.servers.memory.facts import Fact, FactFormatError, FactGraph, FactInput, entity_id, key, parse_facts
-from hydrabrain.servers.memory.recall import RankingWeights, entity_mentions, recency, support, term_weights, weighted_coverage
+from hydrabrain.servers.memory.recall import RankingWeights, Support, entity_mentions, recency, support, term_weights, weighted_coverage
 from hydrabrain.servers.memory.timeutil import TimeFormatError, now, parse_time, to_iso
-from hydrabrain.servers.memory.turns import MAX_SPEAKER_CHARS, MAX_TURNS_PER_CALL, TurnInput, content_terms, indexed_text, names_in, resolve_dates
+from hydrabrain.servers.memory.turns import (
+    MAX_SPEAKER_CHARS,
+    MAX_TURNS_PER_CALL,
+    TurnInput,
+    TurnScoring,
+    TurnSignals,
+    content_terms,
+    embedding_text,
+    indexed_text,
+    named_speakers,
+    names_in,
+    rank_turns,
+    resolve_dates,
+    without_speakers,
+)
 from hydrabrain.shared.config import Settings
 from hydrabrain.shared.embeddings import Embedder, get_embedder
 from hydrabrain.shared.graph import open_graph_store
 from hydrabrain.shared.lexical import open_lexical_index
-from hydrabrain.shared.retrieval import HybridRetriever, RetrievalHit, RetrievalWeights
+from hydrabrain.shared.retrieval import RRF_K, HybridRetriever, RetrievalHit, RetrievalWeights
 from hydrabrain.shared.telemetry import get_logger, log_event
 from hydrabrain.shared.vectors import open_vector_store
 
@@ -40,15 +54,6 @@ LESSON_ITEM = "lesson"
 ITEM_KINDS = (*KINDS, FACT_ITEM, LESSON_ITEM)
 _NAME = re.compile(r"^[\w.@:+-]{1,128}$")
 MAX_FACTS_PER_CALL = 50
-
-
-@dataclass(frozen=True)
-class ConversationWeights:
-    speaker: float = 0.004  # the question names who said it
-    next_turn: float = 0.3  # share of a turn's score lent to the turn after it (often its answer)
-    previous_turn: float = 0.2  # and to the turn before it (often the question it answers)
-    dated: float = 0.002  # "When ...?" questions: a turn that says when
-    context_seeds: int = 20
 
 
 def _matches_where(e: Episode, where: dict[str, Any]) -> bool:
@@ -150,7 +155,7 @@ class MemoryService:
         self.lexical = open_lexical_index(settings, "memory", scope_field="user")
         self.graph = FactGraph(open_graph_store(settings, "memory"))
         self.weights = RankingWeights()
-        self.conversation = ConversationWeights()
+        self.conversation = TurnScoring()
         self._user_for_neighbours: str | None = None
         self.retriever = HybridRetriever(self.embedder, self.vectors, self.lexical, neighbours=self._neighbours, weights=RetrievalWeights(graph=0.3))
         self._lock = threading.RLock()
@@ -325,7 +330,11 @@ class MemoryService:
             dates = resolve_dates(turn.text, at_ts)
             rows.append((turn, at_ts, dates, names_in(turn.text, speakers)))
         texts = [indexed_text(t.speaker, t.text, d) for t, _, d, _ in rows]
-        vectors = self.embedder.embed(texts)
+        # Each vector also reads the turn before it (from an earlier call too), so a reply carries its question.
+        last = self.log.turns_at([(session.id, self.log.next_turn(session.id) - 1)])
+        previous: list[tuple[str, str] | None] = [(last[0].speaker or "", last[0].text) if last else None]
+        previous += [(t.speaker, t.text) for t, _, _, _ in rows[:-1]]
+        vectors = self.embedder.embed([embedding_text(p, text) for p, text in zip(previous, texts, strict=True)])
         ids = [f"mem_{uuid.uuid4().hex[:16]}" for _ in rows]
         with self._lock:
             first = self.log.next_turn(session.id)
@@ -358,8 +367,8 @@ class MemoryService:
         kinds: Sequence[str] | None = None,
         session_id: str | None = None,
     ) -> list[RecallItem]:
-        items, best_support = self.recall_with_support(query, user, k, as_of, kinds, session_id)
-        if best_support < self.weights.answer_threshold:
+        items, found = self.recall_with_support(query, user, k, as_of, kinds, session_id)
+        if not found.answers(self.weights):
             return []  # nothing remembered is about this: say so rather than pad the list
         return items
 
@@ -371,8 +380,8 @@ class MemoryService:
         as_of: str | float | None = None,
         kinds: Sequence[str] | None = None,
         session_id: str | None = None,
-    ) -> tuple[list[RecallItem], float]:
-        """Recall without abstaining, and how strongly the best candidate suggests memory holds an answer."""
+    ) -> tuple[list[RecallItem], Support]:
+        """Recall without abstaining, and how strongly memory suggests it holds an answer at all."""
         check_user(user)
         if not isinstance(query, str) or not query.strip():
             raise MemoryInputError("query is empty; describe what you want to remember")
@@ -394,52 +403,72 @@ class MemoryService:
                 hits = self.retriever.search(query, k=max(40, 5 * k), where=where, fetch_k=max(60, 8 * k))
             finally:
                 self._user_for_neighbours = None
+            share = 1.0
             if any(h.payload.get("kind") == "turn" for h in hits):
-                hits = self._in_conversation(query, user, hits, where)
-            return self._rank(query, user, hits, as_of_ts, k, allow_facts=not kinds or "fact" in kinds)
+                hits, share = self._in_conversation(query, user, hits, where)
+            items, best = self._rank(query, user, hits, as_of_ts, k, allow_facts=not kinds or "fact" in kinds)
+            return items, Support(best, share)
 
-    def _in_conversation(self, query: str, user: str, hits: list[RetrievalHit], where: dict[str, Any]) -> list[RetrievalHit]:
-        """Rerank turns with what a conversation carries: the speaker asked about, the turns around a hit, dates."""
+    def _in_conversation(self, query: str, user: str, hits: list[RetrievalHit], where: dict[str, Any]) -> tuple[list[RetrievalHit], float]:
+        """Rank the turns among the hits (and the turns the hybrid search missed) with `rank_turns`.
+
+        Turns get their own candidates (dense and BM25, for the named speaker and for anyone, plus the
+        turns around each), ranked in z-score units; that order is then laid onto the fused scale, turn
+        r scoring as an item ranked r by both channels would, so notes, facts and lessons keep their place.
+        Also returns the named speaker's share of the best lexical match (see `RankingWeights.speaker_share`).
+        """
         w = self.conversation
-        named = {s.casefold() for s in self.log.speakers(user)} & {t.casefold() for t in re.findall(r"[\w'-]+", query)}
-        asks_when = bool(re.match(r"\s*(when|how long ago|what (day|date|month|year))\b", query, re.IGNORECASE))
-        by_id = {h.id: h for h in hits}
+        speakers = self.log.speakers(user)
+        named = named_speakers(query, speakers)
+        base = {**where, "kind": "turn"}
+        scopes = [base, {**base, "speaker": sorted(named)}] if named else [base]
+        qv = self.embedder.embed_one(query)
+        terms = content_terms(without_speakers(query, speakers))
+        found: dict[str, TurnSignals] = {}
+        payloads: dict[str, dict[str, Any]] = {}
+
+        def candidate(memory_id: str, payload: dict[str, Any]) -> TurnSignals:
+            if memory_id not in found:
+                found[memory_id] = TurnSignals(memory_id, str(payload.get("session_id")), int(payload.get("turn", 0)), str(payload.get("speaker") or ""))
+                payloads[memory_id] = payload
+            return found[memory_id]
+
+        for scope in scopes:
+            for v in self.vectors.search(qv, w.candidates, scope):
+                candidate(v.id, v.payload).cosine = v.score
+            if terms:
+                for h in self.lexical.scoped_search(terms, w.candidates, scope, b=w.bm25_b):
+                    candidate(h.id, {**h.meta, "text": payloads.get(h.id, {}).get("text")}).bm25 = h.score
         for hit in hits:
-            if hit.payload.get("kind") != "turn":
-                continue
-            if named and str(hit.payload.get("speaker", "")).casefold() in named:
-                hit.score += w.speaker
-                hit.signals["speaker"] = w.speaker
-        # A turn often answers the one before it: each strong turn lends part of its score to its neighbours.
-        seeds = [h for h in sorted(hits, key=lambda h: h.score, reverse=True)[: w.context_seeds] if h.payload.get("kind") == "turn"]
-        places = {(str(h.payload.get("session_id")), int(h.payload.get("turn", -10)) + d): (h, d) for d in (1, -1) for h in seeds}
-        lent: dict[str, float] = {}
-        neighbours = {e.id: e for e in self.log.turns_at(list(places))}
-        for e in neighbours.values():
-            source, d = places[(e.session_id, e.turn or 0)]
-            share = (w.next_turn if d == 1 else w.previous_turn) * source.score
-            lent[e.id] = max(lent.get(e.id, 0.0), share)
-        for memory_id, share in lent.items():
-            hit = by_id.get(memory_id)
-            if hit is None:
-                e = neighbours[memory_id]
-                if not _matches_where(e, where):
-                    continue
-                hit = RetrievalHit(e.id, 0.0, indexed_text(e.speaker or "", e.text, []), {**self._payload_of(e), "text": e.text}, {})
-                if named and (e.speaker or "").casefold() in named:
-                    hit.score += w.speaker
-                hits.append(hit)
-                by_id[e.id] = hit
-            hit.score += share
-            hit.signals["context"] = round(share, 5)
-        if asks_when:
-            dated = {e.id for e in self.log.episodes(user=user, ids=[h.id for h in hits if h.payload.get("kind") == "turn"]) if e.dates}
-            for hit in hits:
-                if hit.id in dated:
-                    hit.score += w.dated
-                    hit.signals["dated"] = w.dated
-        hits.sort(key=lambda h: h.score, reverse=True)
-        return hits
+            if hit.payload.get("kind") == "turn" and "graph" in hit.signals:
+                candidate(hit.id, hit.payload).graph = True
+        around = [(t.session_id, t.turn + d) for t in list(found.values()) for d in (-1, 1)]
+        for e in self.log.turns_at([p for p in dict.fromkeys(around) if p[1] >= 0]):
+            if e.id not in found and _matches_where(e, where):
+                candidate(e.id, {**self._payload_of(e), "text": indexed_text(e.speaker or "", e.text, [])})
+        best_lexical = max((t.bm25 or 0.0 for t in found.values()), default=0.0)
+        share = 1.0
+        if named and best_lexical > 0:
+            folded = {n.casefold() for n in named}
+            share = max((t.bm25 or 0.0 for t in found.values() if t.speaker.casefold() in folded), default=0.0) / best_lexical
+        scored = rank_turns(list(found.values()), named, w)
+        ranked = sorted(scored, key=lambda i: scored[i]["score"], reverse=True)
+        keep = [h for h in hits if h.payload.get("kind") != "turn"]
+        missing_text = [i for i in ranked if not payloads[i].get("text")]
+        if missing_text:  # a lexical hit carries no text; the vector store's payload has it
+            for memory_id, payload in self.vectors.get(missing_text).items():
+                payloads[memory_id] = {**payloads[memory_id], "text": payload.get("text")}
+        for r, memory_id in enumerate(ranked):
+            t, parts = found[memory_id], scored[memory_id]
+            signals = {name: round(value, 4) for name, value in parts.items()}
+            if named and not parts["speaker"]:
+                signals["other_speaker"] = 1.0  # said by someone the question does not ask about: no support for an answer
+            if t.cosine is not None:
+                signals["cosine"] = t.cosine
+            payload = {**payloads[memory_id]}
+            keep.append(RetrievalHit(memory_id, 2.0 / (RRF_K + r + 1), str(payload.pop("text", "") or ""), payload, signals))
+        keep.sort(key=lambda h: h.score, reverse=True)
+        return keep, share
 
     def _payload_of(self, e: Episode) -> dict[str, Any]:
         payload: dict[str, Any] = {"user": e.user, "kind": e.kind, "session_id": e.session_id, "at": e.at}
@@ -508,7 +537,8 @@ class MemoryService:
                     item.current = [f.text for f in newer]
                     superseded.append((item, newer))
                 items.append(item)
-            best_support = max(best_support, support(cosine, cover, w))
+            if not signals.get("other_speaker"):
+                best_support = max(best_support, support(cosine, cover, w))
         self._below_current(items, superseded, allow_facts)
         items.sort(key=lambda item: item.score, reverse=True)
         return items[:k], best_support

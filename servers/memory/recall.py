@@ -29,6 +29,21 @@ class RankingWeights:
     min_cosine: float = 0.2  # a candidate this far off in meaning is dropped whatever else it matches
     answer_threshold: float = 0.62  # the best candidate's cosine + coverage_weight * weighted coverage must reach this
     coverage_weight: float = 0.5
+    # A question that names a speaker, whose words were said mostly by someone else ("What did Ana
+    # learn at the race?" when Ben ran it): the named speaker's best BM25 match over the best overall.
+    speaker_share: float = 0.6
+
+
+@dataclass(frozen=True)
+class Support:
+    """How strongly memory suggests it holds an answer: `best` (cosine + weighted coverage of the best
+    candidate) and, for a question naming a speaker, `speaker_share` (1.0 when it does not apply)."""
+
+    best: float
+    speaker_share: float = 1.0
+
+    def answers(self, w: RankingWeights) -> bool:
+        return self.best >= w.answer_threshold and self.speaker_share >= w.speaker_share
 
 
 _CALENDAR = frozenset(

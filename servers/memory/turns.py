@@ -8,13 +8,26 @@ so recall can use what a conversation carries and a note does not:
 - names (capitalised words that do not open a sentence) link turns across sessions in the graph;
 - the chit-chat that fills conversations ("wow, that's great!") is kept out of the lexical query,
   so BM25 weighs the words that carry content.
+
+Ranking turns (`rank_turns`) fuses the dense and BM25 channels by their standardised scores rather
+than by rank: over hundreds of short turns, how far a turn stands above the rest tells more than
+its place in each list (on the development conversations, rank fusion gave 0.48 evidence recall@5
+where score fusion gave 0.57 on the same vectors). Then a conversation's own structure: a turn's
+vector is embedded with the turn before it (a reply such as "yes, last Friday" means little alone),
+a turn whose predecessor matches the words of the question inherits part of that match, each turn
+lends part of its score to its neighbours, and the turns of the speaker the question names come
+first (97 % of the evidence turns in the development set were said by the person the question
+names).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+
+import numpy as np
 
 from hydrabrain.shared.lexical import STOPWORDS, index_terms
 
@@ -156,3 +169,87 @@ def indexed_text(speaker: str, text: str, dates: list[ResolvedDate]) -> str:
     """What the lexical and dense channels see: the speaker, the words, and any resolved dates."""
     suffix = "".join(f" ({d.phrase}: {d.label})" for d in dates)
     return f"{speaker}: {text}{suffix}"
+
+
+def embedding_text(previous: tuple[str, str] | None, indexed: str) -> str:
+    """What a turn's vector is computed from: the turn before it in its session (speaker, text), then the turn."""
+    return f"{previous[0]}: {previous[1]}\n{indexed}" if previous else indexed
+
+
+def named_speakers(query: str, speakers: Sequence[str]) -> set[str]:
+    """The known speakers a query names (whole words, "Ana's" counts), as stored."""
+    return {s for s in speakers if re.search(rf"(?<!\w){re.escape(s)}(?!\w)", query, re.IGNORECASE)}
+
+
+def without_speakers(query: str, speakers: Sequence[str]) -> str:
+    """The query with speaker names taken out: the speaker filter handles them, and as words they only
+    match every turn that addresses that person by name."""
+    for s in sorted(speakers, key=len, reverse=True):
+        query = re.sub(rf"(?<!\w){re.escape(s)}(?:'s)?(?!\w)", " ", query, flags=re.IGNORECASE)
+    return query
+
+
+@dataclass(frozen=True)
+class TurnScoring:
+    """How `rank_turns` combines its signals; the defaults were chosen on the development conversations
+    (`benchmarks/memory_conversations.md`), in z-score units of the fused channels."""
+
+    dense: float = 1.0
+    lexical: float = 1.0
+    lexical_context: float = 0.3  # share of the previous turn's BM25 a turn inherits
+    next_turn: float = 0.5  # share of a turn's (positive) score lent to the turn after it (often its answer)
+    previous_turn: float = 0.5  # and to the turn before it (often the question it answers)
+    graph: float = 0.3  # share lent to turns that name the same people or places as the best turns
+    speaker: float = 5.0  # the question names who said it: about a hard filter, yet a strong neighbour can still come in
+    bm25_b: float = 0.3  # length normalisation: long turns are not diluted chit-chat
+    candidates: int = 100  # per channel
+
+
+@dataclass
+class TurnSignals:
+    """One candidate turn: where it sits, who said it, and what each channel found (None: not in its top list)."""
+
+    id: str
+    session_id: str
+    turn: int
+    speaker: str
+    cosine: float | None = None
+    bm25: float | None = None
+    graph: bool = False
+
+
+def _standardise(values: np.ndarray) -> np.ndarray:
+    spread = float(values.std())
+    return (values - values.mean()) / spread if spread > 1e-9 else np.zeros_like(values)
+
+
+def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring) -> dict[str, dict[str, float]]:
+    """Scores for candidate turns (higher is better), with the part each signal contributed.
+
+    A turn the dense search did not return gets the lowest cosine it did return (it is at most that
+    close); one the lexical search did not return has no matching word (BM25 0).
+    """
+    if not turns:
+        return {}
+    place = {(t.session_id, t.turn): n for n, t in enumerate(turns)}
+    cosines = [t.cosine for t in turns if t.cosine is not None]
+    floor = min(cosines) if cosines else 0.0
+    dense = np.array([t.cosine if t.cosine is not None else floor for t in turns])
+    own = np.array([t.bm25 or 0.0 for t in turns])
+    before = np.array([own[place[(t.session_id, t.turn - 1)]] if (t.session_id, t.turn - 1) in place else 0.0 for t in turns])
+    lexical = own + w.lexical_context * before
+    fused = w.dense * _standardise(dense) + w.lexical * _standardise(lexical)
+    ahead = np.maximum(fused, 0.0)
+    lent = np.zeros_like(fused)
+    for n, t in enumerate(turns):
+        prev, nxt = place.get((t.session_id, t.turn - 1)), place.get((t.session_id, t.turn + 1))
+        lent[n] = max(w.next_turn * ahead[prev] if prev is not None else 0.0, w.previous_turn * ahead[nxt] if nxt is not None else 0.0)
+    if w.graph:
+        best = float(ahead.max()) if len(ahead) else 0.0
+        lent = np.maximum(lent, np.array([w.graph * best if t.graph else 0.0 for t in turns]))
+    folded = {s.casefold() for s in named}
+    out: dict[str, dict[str, float]] = {}
+    for n, t in enumerate(turns):
+        said = w.speaker if t.speaker.casefold() in folded else 0.0
+        out[t.id] = {"score": float(fused[n] + lent[n] + said), "fused": float(fused[n]), "context": float(lent[n]), "speaker": said}
+    return out
