@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-tokens", type=int, default=4096, help="train-split prose the triattention statistics are calibrated on")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--whole-heads", type=int, default=None, metavar="N", help="KV heads the heads policy keeps whole (default: the engine's)")
+    parser.add_argument("--whole-heads", type=int, default=3, metavar="N", help="KV heads the heads policy keeps whole")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
     parser.add_argument("--concurrency-pool", type=int, default=600, help="blocks in that pool")
     parser.add_argument("--concurrency-policies", nargs="+", default=["heads", "h2o"])
@@ -241,11 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_engine(blocks: int):
         return create_engine("smollm2-135m", num_blocks=blocks, max_batch=8, prefill_chunk=args.chunk, heads_file=args.heads_file,
-                             rank_if_missing=True, calibration_text=calibration)[0]
+                             rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads)[0]
 
     engine = make_engine(8 * (max(args.lengths) + 128) // 16 + 64)
-    if args.whole_heads is not None:
-        engine.whole_heads = args.whole_heads
     load_s = time.perf_counter() - t0
     bpb = engine.cache.bytes_per_block
     filler = Filler(prose_paragraphs(args.filler, "heldout"), tok)

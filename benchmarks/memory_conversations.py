@@ -251,13 +251,13 @@ def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights)
             "category5_questions": adversarial, "answerable_questions": answerable,
         }
 
-    grid = [RankingWeights(answer_threshold=round(float(a), 2), speaker_share=round(float(b), 2))
-            for a in np.arange(0.2, 1.0, 0.02) for b in np.arange(0.0, 1.01, 0.05)]
+    grid = [RankingWeights(turn_answer_threshold=round(float(a), 2), speaker_share=round(float(b), 2))
+            for a in np.arange(0.0, 1.0, 0.02) for b in np.arange(0.0, 1.01, 0.05)]
     allowed = [w for w in grid if rates(w, 0)["answerable_left_empty"] <= 0.05] or grid
-    best = max(allowed, key=lambda w: (rates(w, 0)["balanced_accuracy"], -w.answer_threshold, -w.speaker_share))
+    best = max(allowed, key=lambda w: (rates(w, 0)["balanced_accuracy"], -w.turn_answer_threshold, -w.speaker_share))
 
     def pair(w: RankingWeights) -> dict[str, float]:
-        return {"answer_threshold": w.answer_threshold, "speaker_share": w.speaker_share}
+        return {"turn_answer_threshold": w.turn_answer_threshold, "speaker_share": w.speaker_share}
 
     return {
         "chosen_on": "even-numbered questions of each conversation (at most 5 % of answerable ones left empty)",
@@ -268,7 +268,7 @@ def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights)
         "shipped": pair(shipped),
         "shipped_test": rates(shipped, 1),
         "shipped_all": {"even": rates(shipped, 0), "odd": rates(shipped, 1)},
-        "without_speaker_share_test": rates(RankingWeights(answer_threshold=shipped.answer_threshold, speaker_share=0.0), 1),
+        "without_speaker_share_test": rates(RankingWeights(speaker_share=0.0), 1),
     }
 
 

@@ -248,7 +248,7 @@ class LexicalIndex:
                 ).fetchall()
                 found = {r[0]: (r[1], r[2]) for r in rows}
                 for rid, score in part:
-                    if rid in found:
+                    if rid in found and len(hits) < k:
                         hits.append(LexicalHit(found[rid][0], score, json.loads(found[rid][1])))
                 if len(hits) >= k:
                     break

@@ -47,11 +47,27 @@ def coverage(terms: Sequence[str], text: str) -> float:
     """Share of the query's content words that occur in `text` (prefix match tolerates plurals)."""
     if not terms:
         return 0.0
-    words = set(query_terms(text))
+    return coverage_of(terms, set(query_terms(text)))
+
+
+def coverage_of(terms: Sequence[str], words: set[str]) -> float:
+    """`coverage` against a text's words already split (``set(query_terms(text))``)."""
+    if not terms:
+        return 0.0
     hit = 0
+    longer: list[str] | None = None  # words a prefix match may use, listed once and only when needed
     for term in terms:
-        if term in words or any(w.startswith(term) or term.startswith(w) for w in words if len(w) > 3 and len(term) > 3):
+        if term in words:
             hit += 1
+            continue
+        if len(term) <= 3:
+            continue
+        if longer is None:
+            longer = [w for w in words if len(w) > 3]
+        for w in longer:
+            if w.startswith(term) or term.startswith(w):
+                hit += 1
+                break
     return hit / len(terms)
 
 

@@ -403,11 +403,12 @@ class MemoryService:
                 hits = self.retriever.search(query, k=max(40, 5 * k), where=where, fetch_k=max(60, 8 * k))
             finally:
                 self._user_for_neighbours = None
-            share = 1.0
-            if any(h.payload.get("kind") == "turn" for h in hits):
+            share, conversation = 1.0, any(h.payload.get("kind") == "turn" for h in hits)
+            if conversation:
                 hits, share = self._in_conversation(query, user, hits, where)
+                hits = hits[: max(40, 5 * k)]  # as many as the hybrid search returns; the rest cannot reach the top k
             items, best = self._rank(query, user, hits, as_of_ts, k, allow_facts=not kinds or "fact" in kinds)
-            return items, Support(best, share)
+            return items, Support(best, share, conversation)
 
     def _in_conversation(self, query: str, user: str, hits: list[RetrievalHit], where: dict[str, Any]) -> tuple[list[RetrievalHit], float]:
         """Rank the turns among the hits (and the turns the hybrid search missed) with `rank_turns`.

@@ -15,8 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from hydrabrain.shared.lexical import LexicalIndex, query_terms
-from hydrabrain.shared.retrieval import coverage
+from hydrabrain.shared.lexical import LexicalIndex, query_terms, stem
+from hydrabrain.shared.retrieval import coverage_of
 
 
 @dataclass(frozen=True)
@@ -31,19 +31,25 @@ class RankingWeights:
     coverage_weight: float = 0.5
     # A question that names a speaker, whose words were said mostly by someone else ("What did Ana
     # learn at the race?" when Ben ran it): the named speaker's best BM25 match over the best overall.
-    speaker_share: float = 0.6
+    speaker_share: float = 0.7
+    # Conversation turns are embedded with the turn before them, so their cosines run lower than a
+    # note's; chosen with speaker_share on the development conversations (benchmarks/memory_conversations.md).
+    turn_answer_threshold: float = 0.2
 
 
 @dataclass(frozen=True)
 class Support:
     """How strongly memory suggests it holds an answer: `best` (cosine + weighted coverage of the best
-    candidate) and, for a question naming a speaker, `speaker_share` (1.0 when it does not apply)."""
+    candidate) and, for a question naming a speaker, `speaker_share` (1.0 when it does not apply).
+    Under the thresholds, recall answers with nothing."""
 
     best: float
     speaker_share: float = 1.0
+    conversation: bool = False  # the candidates were conversation turns
 
     def answers(self, w: RankingWeights) -> bool:
-        return self.best >= w.answer_threshold and self.speaker_share >= w.speaker_share
+        threshold = w.turn_answer_threshold if self.conversation else w.answer_threshold
+        return self.best >= threshold and self.speaker_share >= w.speaker_share
 
 
 _CALENDAR = frozenset(
@@ -59,20 +65,22 @@ def recency(age_s: float, half_life_days: float) -> float:
 
 def term_weights(lexical: LexicalIndex, query: str, user: str, total: int, cap: int = 200) -> dict[str, float]:
     """IDF of each query word over this user's memory (document frequency counted up to `cap`)."""
-    weights: dict[str, float] = {}
-    for term in query_terms(query):
-        if term in _CALENDAR or any(ch.isdigit() for ch in term):
-            continue  # dates in a question say when, not what; as_of handles them
-        df = len(lexical.search(term, k=cap, where={"user": user}))
-        weights[term] = max(0.0, math.log((max(total, df) + 1) / (df + 0.5)))
-    return weights
+    terms = [t for t in query_terms(query) if t not in _CALENDAR and not any(ch.isdigit() for ch in t)]  # dates say when, not what
+    if lexical.scope_field == "user":  # one count per stemmed word, no documents read
+        stems = {t: stem(t) for t in terms}
+        counts, _ = lexical.document_frequency(list(stems.values()), user)
+        frequency = {t: min(cap, counts.get(stems[t], 0)) for t in terms}
+    else:
+        frequency = {t: len(lexical.search(t, k=cap, where={"user": user})) for t in terms}
+    return {t: max(0.0, math.log((max(total, df) + 1) / (df + 0.5))) for t, df in frequency.items()}
 
 
 def weighted_coverage(weights: Mapping[str, float], text: str) -> float:
     total = sum(weights.values())
     if total <= 0:
         return 0.0
-    got = sum(w for term, w in weights.items() if coverage([term], text) > 0)
+    words = set(query_terms(text))
+    got = sum(w for term, w in weights.items() if coverage_of([term], words) > 0)
     return got / total
 
 
