@@ -60,7 +60,8 @@ def _import_turns(args: argparse.Namespace) -> int:
         with path.open(encoding="utf-8") as fh:
             result = import_turns(service, args.user, fh, team=args.team)
         rate = result.turns / max(result.seconds, 1e-9)
-        print(f"imported {result.turns} turns in {len(result.session_ids)} sessions ({rate:.0f} turns/s)")
+        sessions = len(result.session_ids)
+        print(f"imported {result.turns} turns in {sessions} session{'' if sessions == 1 else 's'} ({rate:.0f} turns/s)")
         return 0
 
     return _run(args, action)

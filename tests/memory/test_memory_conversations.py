@@ -181,3 +181,26 @@ async def test_a_superseded_episode_is_marked_and_ranked_below_the_current_fact_
         assert then[0]["id"] == old["memory_id"] or (then[0]["fact"] or {}).get("object") == "Paris"
         assert all(i["superseded_by"] is None for i in then)
         assert "Lisbon" not in json.dumps(then)
+
+
+def test_the_import_turns_command_imports_a_file_and_says_what_is_wrong_with_a_bad_one(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hydrabrain.servers.cli import main
+
+    good = tmp_path / "chats.jsonl"
+    good.write_text(json.dumps({"session": "first", "turns": [{**t, "at": "2023-05-08T13:56:00Z"} for t in SESSION_1]}) + "\n", encoding="utf-8")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"turns": [{"speaker": "Bob"}]}) + "\n", encoding="utf-8")
+
+    assert main(["memory", "import-turns", str(bad), "--user", "bob"]) != 0
+    assert "turns[0].text is empty" in capsys.readouterr().err
+    assert main(["memory", "import-turns", str(good), "--user", "bob"]) == 0
+    assert f"imported {len(SESSION_1)} turns in 1 session (" in capsys.readouterr().out
+
+    service = MemoryService(settings)
+    try:
+        assert service.log.count("bob") == len(SESSION_1)
+        assert service.recall("What did Ana make in her pottery class?", "bob", k=1)[0].text.startswith("I took my first pottery class")
+    finally:
+        service.close()
