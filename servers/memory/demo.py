@@ -58,3 +58,23 @@ async def run(client: Any, say: Callable[[str], None]) -> None:
     facts = (await client.read_resource(f"memory://user/{USER}/facts")).contents[0].text
     say(f"forget {moved['memory_id']} -> {gone['episodes']} episode, {gone['facts']} fact deleted; current facts now: "
         + ", ".join(line.split('"object": ')[1].strip().strip(',') for line in facts.splitlines() if '"object"' in line))
+
+    # A conversation as a chat client writes it: the turns as they were said, no facts.
+    chat = (await _call(client, "start_session", user="demo-chat", task="catch-up call"))["session_id"]
+    turns = [
+        {"speaker": "Ana", "text": "How was your week, Ben?", "at": "2026-05-08T18:00:00Z"},
+        {"speaker": "Ben", "text": "Busy! We adopted a beagle puppy named Pickle last Friday."},
+        {"speaker": "Ana", "text": "Tell me everything!"},
+        {"speaker": "Ben", "text": "Pickle already chewed through my hiking boots."},
+        {"speaker": "Ana", "text": "I started a pottery class yesterday and made a lopsided bowl."},
+    ]
+    wrote = await _call(client, "remember_turns", session_id=chat, turns=turns)
+    say(f"remember_turns -> {len(wrote['memory_ids'])} turns in one call, {wrote['dates_resolved']} relative dates resolved")
+    for question in ("When did Ben adopt his puppy?", "What did Ana make in her pottery class?", "What did Ana's puppy chew?"):
+        found = await _call(client, "recall", query=question, user="demo-chat", k=2)
+        if not found["items"]:
+            say(f"recall '{question}' -> nothing (the words were said by the other speaker)")
+            continue
+        top = found["items"][0]
+        dates = f" (dates: {', '.join(top['dates'])})" if top["dates"] else ""
+        say(f"recall '{question}' -> {top['speaker']}: {top['text']}{dates}")
