@@ -331,8 +331,8 @@ class MemoryService:
             rows.append((turn, at_ts, dates, names_in(turn.text, speakers)))
         texts = [indexed_text(t.speaker, t.text, d) for t, _, d, _ in rows]
         # Each vector also reads the turn before it (from an earlier call too), so a reply carries its question.
-        last = self.log.turns_at([(session.id, self.log.next_turn(session.id) - 1)])
-        previous: list[tuple[str, str] | None] = [(last[0].speaker or "", last[0].text) if last else None]
+        last = self.log.last_turn(session.id)
+        previous: list[tuple[str, str] | None] = [(last.speaker or "", last.text) if last else None]
         previous += [(t.speaker, t.text) for t, _, _, _ in rows[:-1]]
         vectors = self.embedder.embed([embedding_text(p, text) for p, text in zip(previous, texts, strict=True)])
         ids = [f"mem_{uuid.uuid4().hex[:16]}" for _ in rows]
@@ -405,18 +405,18 @@ class MemoryService:
                 self._user_for_neighbours = None
             share, conversation = 1.0, any(h.payload.get("kind") == "turn" for h in hits)
             if conversation:
-                hits, share = self._in_conversation(query, user, hits, where)
-                hits = hits[: max(40, 5 * k)]  # as many as the hybrid search returns; the rest cannot reach the top k
+                hits, share = self._in_conversation(query, user, hits, where, limit=max(40, 5 * k))
             items, best = self._rank(query, user, hits, as_of_ts, k, allow_facts=not kinds or "fact" in kinds)
             return items, Support(best, share, conversation)
 
-    def _in_conversation(self, query: str, user: str, hits: list[RetrievalHit], where: dict[str, Any]) -> tuple[list[RetrievalHit], float]:
+    def _in_conversation(self, query: str, user: str, hits: list[RetrievalHit], where: dict[str, Any], limit: int) -> tuple[list[RetrievalHit], float]:
         """Rank the turns among the hits (and the turns the hybrid search missed) with `rank_turns`.
 
         Turns get their own candidates (dense and BM25, for the named speaker and for anyone, plus the
         turns around each), ranked in z-score units; that order is then laid onto the fused scale, turn
         r scoring as an item ranked r by both channels would, so notes, facts and lessons keep their place.
-        Also returns the named speaker's share of the best lexical match (see `RankingWeights.speaker_share`).
+        Returns the best `limit` hits (as many as the hybrid search returns; the rest cannot reach the
+        top k) and the named speaker's share of the best lexical match (see `RankingWeights.speaker_share`).
         """
         w = self.conversation
         speakers = self.log.speakers(user)
@@ -439,7 +439,7 @@ class MemoryService:
                 candidate(v.id, v.payload).cosine = v.score
             if terms:
                 for h in self.lexical.scoped_search(terms, w.candidates, scope, b=w.bm25_b):
-                    candidate(h.id, {**h.meta, "text": payloads.get(h.id, {}).get("text")}).bm25 = h.score
+                    candidate(h.id, h.meta).bm25 = h.score
         for hit in hits:
             if hit.payload.get("kind") == "turn" and "graph" in hit.signals:
                 candidate(hit.id, hit.payload).graph = True
@@ -450,10 +450,9 @@ class MemoryService:
         best_lexical = max((t.bm25 or 0.0 for t in found.values()), default=0.0)
         share = 1.0
         if named and best_lexical > 0:
-            folded = {n.casefold() for n in named}
-            share = max((t.bm25 or 0.0 for t in found.values() if t.speaker.casefold() in folded), default=0.0) / best_lexical
+            share = max((t.bm25 or 0.0 for t in found.values() if t.speaker in named), default=0.0) / best_lexical
         scored = rank_turns(list(found.values()), named, w)
-        ranked = sorted(scored, key=lambda i: scored[i]["score"], reverse=True)
+        ranked = sorted(scored, key=lambda i: scored[i]["score"], reverse=True)[:limit]
         keep = [h for h in hits if h.payload.get("kind") != "turn"]
         missing_text = [i for i in ranked if not payloads[i].get("text")]
         if missing_text:  # a lexical hit carries no text; the vector store's payload has it
@@ -469,7 +468,7 @@ class MemoryService:
             payload = {**payloads[memory_id]}
             keep.append(RetrievalHit(memory_id, 2.0 / (RRF_K + r + 1), str(payload.pop("text", "") or ""), payload, signals))
         keep.sort(key=lambda h: h.score, reverse=True)
-        return keep, share
+        return keep[:limit], share
 
     def _payload_of(self, e: Episode) -> dict[str, Any]:
         payload: dict[str, Any] = {"user": e.user, "kind": e.kind, "session_id": e.session_id, "at": e.at}

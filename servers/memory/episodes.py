@@ -230,6 +230,12 @@ class EpisodeLog:
                 found += [_episode(r) for r in rows]
         return found
 
+    def last_turn(self, session_id: str) -> Episode | None:
+        """The latest turn stored in a session, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM episodes WHERE session_id = ? AND kind = 'turn' ORDER BY turn DESC LIMIT 1", (session_id,)).fetchone()
+        return _episode(row) if row else None
+
     def next_turn(self, session_id: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT MAX(turn) FROM episodes WHERE session_id = ?", (session_id,)).fetchone()

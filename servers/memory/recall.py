@@ -64,15 +64,12 @@ def recency(age_s: float, half_life_days: float) -> float:
 
 
 def term_weights(lexical: LexicalIndex, query: str, user: str, total: int, cap: int = 200) -> dict[str, float]:
-    """IDF of each query word over this user's memory (document frequency counted up to `cap`)."""
+    """IDF of each query word over this user's memory (document frequency counted up to `cap`);
+    `lexical` is scoped by user."""
     terms = [t for t in query_terms(query) if t not in _CALENDAR and not any(ch.isdigit() for ch in t)]  # dates say when, not what
-    if lexical.scope_field == "user":  # one count per stemmed word, no documents read
-        stems = {t: stem(t) for t in terms}
-        counts, _ = lexical.document_frequency(list(stems.values()), user)
-        frequency = {t: min(cap, counts.get(stems[t], 0)) for t in terms}
-    else:
-        frequency = {t: len(lexical.search(t, k=cap, where={"user": user})) for t in terms}
-    return {t: max(0.0, math.log((max(total, df) + 1) / (df + 0.5))) for t, df in frequency.items()}
+    stems = {t: stem(t) for t in terms}
+    counts, _ = lexical.document_frequency(list(stems.values()), user)  # one count per stemmed word, no documents read
+    return {t: max(0.0, math.log((max(total, df) + 1) / (df + 0.5))) for t in terms for df in [min(cap, counts.get(stems[t], 0))]}
 
 
 def weighted_coverage(weights: Mapping[str, float], text: str) -> float:

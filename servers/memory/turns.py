@@ -224,7 +224,8 @@ def _standardise(values: np.ndarray) -> np.ndarray:
 
 
 def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring) -> dict[str, dict[str, float]]:
-    """Scores for candidate turns (higher is better), with the part each signal contributed.
+    """Scores for candidate turns (higher is better), with the part each signal contributed; `named`
+    holds speakers as stored (`named_speakers`).
 
     A turn the dense search did not return gets the lowest cosine it did return (it is at most that
     close); one the lexical search did not return has no matching word (BM25 0).
@@ -247,9 +248,8 @@ def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring) ->
     if w.graph:
         best = float(ahead.max()) if len(ahead) else 0.0
         lent = np.maximum(lent, np.array([w.graph * best if t.graph else 0.0 for t in turns]))
-    folded = {s.casefold() for s in named}
     out: dict[str, dict[str, float]] = {}
     for n, t in enumerate(turns):
-        said = w.speaker if t.speaker.casefold() in folded else 0.0
+        said = w.speaker if t.speaker in named else 0.0
         out[t.id] = {"score": float(fused[n] + lent[n] + said), "fused": float(fused[n]), "context": float(lent[n]), "speaker": said}
     return out
