@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-tokens", type=int, default=24576)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--distill-seq-len", type=int, default=None, help="tokens per stage-2 row (default --seq-len)")
+    parser.add_argument("--distill-batch", type=int, default=None, help="rows per stage-2 step (default: the tokens of a stage-1 step)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-distill", type=float, default=3e-4)
     parser.add_argument("--samples", type=int, default=20, help="pass-key prompts per length")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def base_cfg(fa, selection, seed=None, **kw) -> ConvertConfig:
         settings = dict(stage1_tokens=args.stage1_tokens, stage2_tokens=args.stage2_tokens, seq_len=args.seq_len,
-                        batch=args.batch, lr=args.lr, lr_distill=args.lr_distill, device=args.device,
+                        batch=args.batch, distill_seq_len=args.distill_seq_len, distill_batch=args.distill_batch, lr=args.lr, lr_distill=args.lr_distill, device=args.device,
                         gdn_window=args.gdn_window, gdn_sinks=args.gdn_sinks)
         return ConvertConfig(fa_heads=fa, selection=selection, selection_seed=seed, **{**settings, **kw})
 

@@ -162,7 +162,7 @@ def agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=False)) / max(1, len(b))
 
 
-def concurrency(engine_factory, tok, filler: Filler, policies: list[str | None], requests: int, length: int, pool: int) -> list[dict]:
+def concurrency(engine_factory, tok, filler: Filler, policies: list[str | None], requests: int, length: int, pool: int, max_tokens: int = 16) -> list[dict]:
     """How many 4k-token requests one fixed pool runs at once, and the aggregate decode tokens/s."""
     rows = []
     rng = random.Random(7)
@@ -171,7 +171,7 @@ def concurrency(engine_factory, tok, filler: Filler, policies: list[str | None],
         engine = engine_factory(pool)
         budget = None if policy is None else length // 8
         for p in prompts:
-            engine.add_request(p, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, kv_budget=budget, kv_policy=policy))
+            engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, kv_budget=budget, kv_policy=policy))
         most_running = most_decoding = 0
         started = time.perf_counter()
         while engine.has_work:
@@ -180,6 +180,7 @@ def concurrency(engine_factory, tok, filler: Filler, policies: list[str | None],
             most_decoding = max(most_decoding, sum(1 for r in engine.running if r.output))
         wall = time.perf_counter() - started
         rows.append({"policy": policy or "full", "pool_blocks": pool, "requests": requests, "length": length, "budget_tokens": budget,
+                     "max_tokens": max_tokens, "max_batch": engine.max_batch,
                      "most_admitted": most_running, "most_decoding": most_decoding,
                      "decode_tokens_per_s": engine.decode_tokens / engine.decode_s if engine.decode_s else None,
                      "tokens_per_s_wall": engine.decode_tokens / wall, "wall_s": wall})
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-heads", type=int, default=3, metavar="N", help="KV heads the heads policy keeps whole")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
     parser.add_argument("--concurrency-pool", type=int, default=600, help="blocks in that pool")
+    parser.add_argument("--concurrency-tokens", type=int, default=16, help="tokens each of those requests decodes; longer keeps early requests running while later ones are read")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests the engine runs at once (the concurrency run's ceiling besides the pool)")
     parser.add_argument("--concurrency-policies", nargs="+", default=["heads", "h2o"])
     parser.add_argument("--admission", action="store_true", help="also report how many 4k-token requests the engine admits into --concurrency-pool blocks (no run)")
     parser.add_argument("--out", default=str(RESULTS / "kv_compaction.json"))
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = " ".join(Filler(prose_paragraphs(args.filler, "train"), tok).take(random.Random(99), args.calibration_tokens))
 
     def make_engine(blocks: int):
-        return create_engine("smollm2-135m", num_blocks=blocks, max_batch=8, prefill_chunk=args.chunk, heads_file=args.heads_file,
+        return create_engine("smollm2-135m", num_blocks=blocks, max_batch=args.max_batch, prefill_chunk=args.chunk, heads_file=args.heads_file,
                              rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads)[0]
 
     engine = make_engine(8 * (max(args.lengths) + 128) // 16 + 64)
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         save()
     save()
     if args.concurrency:
-        extra["concurrency"] = concurrency(make_engine, tok, filler, [None, *args.concurrency_policies], args.concurrency, 4096, args.concurrency_pool)
+        extra["concurrency"] = concurrency(make_engine, tok, filler, [None, *args.concurrency_policies], args.concurrency, 4096, args.concurrency_pool,
+                                           args.concurrency_tokens)
         save(extra)
     _print_table(cells)
     return 0

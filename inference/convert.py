@@ -113,7 +113,8 @@ class TokenBatches:
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.buffer: list[int] = []
         self.order: list[int] = []
-        self.produced = 0  # batches handed out, so a resumed run can skip them
+        self.produced = 0  # batches handed out
+        self.taken = 0  # tokens handed out, so a resumed run can skip them whatever the rows' shape was
 
     def _refill(self) -> None:
         if not self.order:
@@ -132,11 +133,20 @@ class TokenBatches:
             self._refill()
         rows, self.buffer = self.buffer[:need], self.buffer[need:]
         self.produced += 1
+        self.taken += need
         return torch.tensor(rows).view(self.batch, self.seq_len)  # (B, T)
 
     def skip(self, batches: int) -> None:
         for _ in range(batches):
             next(self)
+
+    def skip_tokens(self, tokens: int) -> None:
+        """Drop the next ``tokens`` tokens of the stream: rows are cut from it in order, so this lands where a
+        run that handed out that many tokens, in rows of any shape, left off."""
+        while len(self.buffer) < tokens:
+            self._refill()
+        self.buffer = self.buffer[tokens:]
+        self.taken += tokens
 
 
 # --- head selection -------------------------------------------------------------------------------
@@ -341,6 +351,10 @@ class ConvertConfig:
     stage2_tokens: int = 65536  # tokens of distillation on the teacher's logits
     seq_len: int = 512
     batch: int = 4
+    # stage 2 may read longer rows than stage 1: what the student gets wrong grows with position (the
+    # GDN state drifts past the lengths it was trained on), and retrieval is asked at 2k-4k tokens
+    distill_seq_len: int | None = None  # default: seq_len
+    distill_batch: int | None = None  # default: batch * seq_len // distill_seq_len rows, so a step reads as many tokens
     lr: float = 1e-3  # stage 1 learning rate (AdamW, cosine to a tenth)
     lr_distill: float = 3e-4  # stage 2 learning rate
     seed: int = 0
@@ -350,6 +364,13 @@ class ConvertConfig:
     gdn_sinks: int = 4
     checkpoint_every: int = 20  # optimizer steps between resumable checkpoints
     extra: dict = field(default_factory=dict)
+
+
+    def distill_shape(self) -> tuple[int, int]:
+        """(rows, tokens per row) of a stage-2 step."""
+        seq_len = self.distill_seq_len or self.seq_len
+        batch = self.distill_batch or max(1, self.batch * self.seq_len // seq_len)
+        return batch, seq_len
 
 
 @dataclass
@@ -373,7 +394,8 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
 
 
 def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: StageReport, cfg, save, progress) -> None:
-    steps = max(1, tokens // (cfg.batch * cfg.seq_len)) if tokens else 0
+    per_step = batches.batch * batches.seq_len
+    steps = max(1, tokens // per_step) if tokens else 0
     if steps == 0 or not params:
         return
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -394,12 +416,12 @@ def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: Stag
         value = loss.detach().item()
         if not math.isfinite(value):
             raise FloatingPointError(f"{name}: the loss became {value} at step {step}; lower the learning rate")
-        report.steps, report.tokens = step + 1, (step + 1) * cfg.batch * cfg.seq_len
+        report.steps, report.tokens = step + 1, (step + 1) * per_step
         report.loss_first = value if report.loss_first is None else report.loss_first
         recent = (recent + [value])[-5:]
         report.loss_final = sum(recent) / len(recent)
         report.seconds = time.perf_counter() - started
-        progress(name, report.tokens, steps * cfg.batch * cfg.seq_len, report.tokens / max(report.seconds, 1e-9), {name: value})
+        progress(name, report.tokens, steps * per_step, report.tokens / max(report.seconds, 1e-9), {name: value})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save(name, opt)
 
@@ -430,7 +452,7 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
         student.load_state_dict(state["model"])
         for key, value in state["reports"].items():
             reports[key] = StageReport(**value)
-        batches.skip(state["batches"])
+        batches.skip_tokens(state["tokens"])
     else:
         calibrate_gains(teacher, student, next(batches).to(cfg.device))
         batches = TokenBatches(texts, tokenizer, cfg.batch, cfg.seq_len, seed=cfg.seed)  # the calibration batch is trained on too
@@ -450,7 +472,7 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
 
     def save(stage: str, opt) -> None:
         tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "stage": stage, "batches": batches.produced,
+        torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "stage": stage, "tokens": batches.taken,
                     "reports": {k: asdict(v) for k, v in reports.items()}}, tmp)
         tmp.replace(checkpoint)
 
@@ -459,6 +481,7 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
     if not cfg.stage1_from and reports["stage1"].tokens < cfg.stage1_tokens:
         _train_stage("stage1", lambda ids: transfer_loss(teacher, student, ids), params, batches, cfg.stage1_tokens, cfg.lr,
                      state, reports["stage1"], cfg, save, progress)
+    batches.batch, batches.seq_len = cfg.distill_shape()
     if reports["stage2"].tokens < cfg.stage2_tokens:
         _train_stage("stage2", lambda ids: distill_loss(teacher, student, ids), params, batches, cfg.stage2_tokens, cfg.lr_distill,
                      state if state.get("stage") == "stage2" else {}, reports["stage2"], cfg, save, progress)

@@ -197,7 +197,10 @@ class Engine:
         elif policy.streaming:
             worst = steady = min(total, main + max(self.compaction_interval, self.prefill_chunk) + 1)
         else:  # holds everything read until the end of the prompt, then the budget plus what arrives between passes
-            steady = min(total, main + self.compaction_interval + self.prefill_chunk + 1)
+            # after the pass only decode tokens arrive, one a step, unless a question follows the document:
+            # its prefill chunks can land just before a pass is due
+            follows = min(self.prefill_chunk, len(prompt_ids) - end_point)
+            steady = min(total, main + self.compaction_interval + follows + 1)
             worst = max(min(total, end_point), steady)
         need = math.ceil(worst / BLOCK_SIZE) + whole_blocks
         if need > self.cache.pool.num_blocks:

@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--stage1-tokens", type=int, default=None, metavar="N", help="of --tokens, how many go to stage 1 (default half)")
     convert.add_argument("--seq-len", type=int, default=512, help="tokens per training row (default 512)")
     convert.add_argument("--batch", type=int, default=4, help="rows per step (default 4)")
+    convert.add_argument("--distill-seq-len", type=int, default=None, metavar="N",
+                         help="tokens per stage-2 row (default --seq-len); longer rows teach the hybrid the lengths it will be asked at")
+    convert.add_argument("--distill-batch", type=int, default=None, metavar="N",
+                         help="rows per stage-2 step (default: as many tokens per step as stage 1)")
     convert.add_argument("--lr", type=float, default=1e-3, help="stage 1 learning rate (default 1e-3)")
     convert.add_argument("--lr-distill", type=float, default=3e-4, help="stage 2 learning rate (default 3e-4)")
     convert.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
@@ -210,6 +214,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"full attention: {sum(map(len, fa))} KV groups {fa}", file=sys.stderr, flush=True)
     cfg = ConvertConfig(fa_heads=fa, selection=selection, selection_seed=args.seed if selection == "random" else None,
                         stage1_tokens=stage1, stage2_tokens=args.tokens - stage1, seq_len=args.seq_len, batch=args.batch,
+                        distill_seq_len=args.distill_seq_len, distill_batch=args.distill_batch,
                         lr=args.lr, lr_distill=args.lr_distill, seed=args.seed, device=args.device, stage1_from=args.stage1_from,
                         gdn_window=args.gdn_window, gdn_sinks=args.gdn_sinks)
     bar = tqdm(total=args.tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="converting")

@@ -94,6 +94,26 @@ def test_an_interrupted_conversion_resumes_from_its_checkpoint(tiny, corpus, tmp
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
+def test_distillation_can_read_longer_rows_and_resumes_mid_stage_on_the_same_text(tiny, corpus, tmp_path):
+    cfg = small(MIXED, stage2_tokens=3 * 64, distill_seq_len=64, distill_batch=1)
+    seen = []
+
+    def stop_in_stage_two(stage, done, total, rate, losses):
+        seen.append((stage, done, total))
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "cut", cfg, progress=stop_in_stage_two)
+    assert seen[2:] == [("stage2", 64, 192), ("stage2", 128, 192)]  # one 64-token row a step
+    resumed = []
+    student, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "cut", cfg, resume=True, progress=lambda s, d, *_: resumed.append((s, d)))
+    assert resumed[0] == ("stage2", 128) and report["stages"]["stage2"]["steps"] == 3
+    whole, _ = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "whole", cfg)
+    for name, value in whole.state_dict().items():  # the resumed run read the rows the uninterrupted one read
+        torch.testing.assert_close(student.state_dict()[name], value, msg=name)
+
+
 def test_stage_one_heads_can_be_taken_from_an_all_gdn_bank(tiny, corpus, tmp_path):
     bank, _ = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "bank", small([[], []], stage2_tokens=0))
     student, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED, stage2_tokens=0, stage1_from=str(tmp_path / "bank")))

@@ -193,6 +193,26 @@ def test_a_prompt_end_policy_hands_back_its_prompt_peak_so_a_waiting_request_is_
     assert {r.id for r in engine.running} == {first, second}  # the first now holds its steady share only
 
 
+def test_a_compacted_prompt_end_request_reserves_only_its_budget_and_one_interval_unless_a_question_follows(planted):
+    prompt = _prompt(400, 200)
+    peak, steady = math.ceil(400 / BLOCK_SIZE), math.ceil((64 + 32 + 1) / BLOCK_SIZE)  # interval 32; decode adds a token a step
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True, kv_budget=64, kv_policy="snapkv")
+    engine = _engine(planted, num_blocks=peak + steady)  # one prompt peak beside one steady request, nothing to spare
+    first = engine.add_request(prompt, params)
+    second = engine.add_request(prompt, params)
+    _run_until(engine, first, 5)
+    assert {r.id for r in engine.running} == {first, second}
+
+    # The same document with a question chunk read after the pass: it may land just before the next pass.
+    engine = _engine(planted, num_blocks=peak + steady)
+    with_question = _prompt(464, 200)
+    after = SamplingParams(**{**vars(params), "kv_document_tokens": 400})
+    first = engine.add_request(with_question, after)
+    second = engine.add_request(with_question, after)
+    _run_until(engine, first, 5)
+    assert [r.id for r in engine.running] == [first]
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
