@@ -371,6 +371,8 @@ class HydraAttention(nn.Module):
         k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, Gg, T, D)
         v, key_pos = v.transpose(1, 2), pos
         stored = None if cache is None else cache.windows[self.layer_idx]
+        if cache is None and T > 2 * (cfg.gdn_sinks + cfg.gdn_window) and torch.equal(pos, torch.arange(T, device=pos.device).expand(B, T)):
+            return self._window_attention_blocked(q, k, v, pos).transpose(1, 2)
         if stored is not None:
             k, v, key_pos = torch.cat([stored[0], k], dim=2), torch.cat([stored[1], v], dim=2), torch.cat([stored[2], pos], dim=1)
         if cache is not None:
@@ -379,6 +381,27 @@ class HydraAttention(nn.Module):
         allowed = (kp >= 0) & (kp <= qp) & ((kp < cfg.gdn_sinks) | (kp > qp - cfg.gdn_window))  # (B, T, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)  # (B, Hg, T, D)
         return out.transpose(1, 2)
+
+    def _window_attention_blocked(self, q, k, v, pos):
+        """The same softmax over sinks and window for a whole sequence at positions 0..T-1, a block of
+        queries at a time against only the keys it can see: memory O(T (window + block)) instead of
+        a (T, T) mask per head, which is what lets distillation read rows of several thousand tokens.
+        q (B, Hg, T, D), k/v (B, Gg, T, D) -> (B, Hg, T, D)."""
+        cfg = self.config
+        T, S, W = q.shape[2], cfg.gdn_sinks, cfg.gdn_window
+        block = max(W, 256)
+        outs = []
+        for start in range(0, T, block):
+            end = min(T, start + block)
+            lo = max(0, start - W + 1)  # the oldest key in the window of the block's first query
+            sinks = min(S, lo)  # sinks not already inside [lo, end)
+            keys = torch.cat([k[:, :, :sinks], k[:, :, lo:end]], dim=2)
+            values = torch.cat([v[:, :, :sinks], v[:, :, lo:end]], dim=2)
+            kp = torch.cat([pos[:, :sinks], pos[:, lo:end]], dim=1)[:, None, :]  # (B, 1, S')
+            qp = pos[:, start:end, None]  # (B, Tb, 1)
+            allowed = (kp <= qp) & ((kp < S) | (kp > qp - W))
+            outs.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=allowed[:, None], enable_gqa=True))
+        return torch.cat(outs, dim=2)
 
     def _keep_window(self, k, v, key_pos):
         """The sinks and the most recent ``gdn_window`` of k/v (B, Gg, S, D) at key_pos (B, S), in a fixed

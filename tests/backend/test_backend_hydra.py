@@ -52,23 +52,24 @@ def test_a_hybrid_model_compacts_its_fa_cache_and_drops_gdn_state_with_the_seque
     assert engine.cache.pool.num_free == 64 and not engine.cache.state
 
 
-def test_a_gdn_window_reads_the_same_whether_the_sequence_comes_whole_or_token_by_token():
+@pytest.mark.parametrize(("length", "first"), [(40, 17), (600, 300)], ids=["one_block", "read_whole_a_block_at_a_time"])
+def test_a_gdn_window_reads_the_same_whether_the_sequence_comes_whole_or_token_by_token(length, first):
     torch.manual_seed(0)
     config = HydraHeadConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, layer_heads=["FG", "GG"], head_fusion="teacher", gdn_window=6, gdn_sinks=2)
     model = HydraHeadForCausalLM(config).eval()
-    ids = torch.randint(0, 300, (2, 40))
+    ids = torch.randint(0, 300, (2, length))
     with torch.no_grad():
-        whole = model(ids).logits  # (2, 40, vocab)
-        out = model(ids[:, :17], use_cache=True)  # a chunk longer than the window, then one token at a time
+        whole = model(ids).logits  # (2, length, vocab)
+        out = model(ids[:, :first], use_cache=True)  # a chunk longer than the window, then one token at a time
         stepped = [out.logits]
-        for t in range(17, 40):
+        for t in range(first, length):
             out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
             stepped.append(out.logits)
     torch.testing.assert_close(torch.cat(stepped, dim=1), whole, rtol=1e-4, atol=1e-4)
     window_k, _, window_pos = out.cache.windows[1]
     assert window_k.shape[2] == 8  # sinks + window slots, however long the sequence
-    assert window_pos[0].sort().values.tolist() == [0, 1, *range(34, 40)]
+    assert window_pos[0].sort().values.tolist() == [0, 1, *range(length - 6, length)]
 
 
 def test_a_gdn_window_is_a_fixed_state_and_needs_the_teacher_fusion():
