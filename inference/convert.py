@@ -340,6 +340,9 @@ def distill_loss(teacher: nn.Module, student: HydraHeadForCausalLM, ids: torch.T
 # --- the conversion -------------------------------------------------------------------------------
 
 
+RECOMPUTE_ABOVE = 2048  # stage-2 rows longer than this recompute each layer in the backward pass
+
+
 @dataclass
 class ConvertConfig:
     """One conversion: what to keep FA, what to train on, and for how long."""
@@ -482,9 +485,12 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
         _train_stage("stage1", lambda ids: transfer_loss(teacher, student, ids), params, batches, cfg.stage1_tokens, cfg.lr,
                      state, reports["stage1"], cfg, save, progress)
     batches.batch, batches.seq_len = cfg.distill_shape()
+    # rows past 2k tokens do not fit a 24 GB machine's memory with every activation kept (4k rows: OOM)
+    student.model.recompute_layers = batches.seq_len > RECOMPUTE_ABOVE
     if reports["stage2"].tokens < cfg.stage2_tokens:
         _train_stage("stage2", lambda ids: distill_loss(teacher, student, ids), params, batches, cfg.stage2_tokens, cfg.lr_distill,
                      state if state.get("stage") == "stage2" else {}, reports["stage2"], cfg, save, progress)
+    student.model.recompute_layers = False
     student.eval()
     for p in student.parameters():
         p.requires_grad_(True)

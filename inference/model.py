@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
@@ -466,6 +467,9 @@ class HydraHeadModel(HydraHeadPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Training on long rows: keep only each layer's input and recompute its inside in the backward
+        # pass (memory O(layers) activations instead of every intermediate, for a second forward's time).
+        self.recompute_layers = False
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, use_cache: bool = False, **_):
@@ -476,8 +480,9 @@ class HydraHeadModel(HydraHeadPreTrainedModel):
         start = 0 if cache is None else cache.seen_tokens
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)  # (T,)
         x = self.embed_tokens(input_ids)  # (B, T, d)
+        recompute = self.recompute_layers and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, positions, cache)
+            x = torch.utils.checkpoint.checkpoint(layer, x, positions, None, use_reentrant=False) if recompute else layer(x, positions, cache)
         if cache is not None:
             cache.seen_tokens += input_ids.shape[1]
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache)

@@ -78,3 +78,22 @@ def test_a_gdn_window_is_a_fixed_state_and_needs_the_teacher_fusion():
     assert config.cache_bytes(1000) == config.cache_bytes(0)  # a fixed state: nothing grows with the sequence
     with pytest.raises(Exception, match="needs head_fusion"):
         HydraHeadConfig(layer_heads=None, head_fusion="normalised", gdn_window=4)
+
+
+def test_recomputing_layers_in_the_backward_pass_gives_the_same_loss_and_gradients(hydra):
+    model, _, _ = hydra
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.model.recompute_layers = recompute
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    model.model.recompute_layers = False
+    model.zero_grad(set_to_none=True)
+    (loss_kept, kept), (loss_recomputed, recomputed) = grads
+    torch.testing.assert_close(loss_recomputed, loss_kept)
+    assert kept.keys() == recomputed.keys() and kept
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], msg=name)
