@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=8, help="requests the engine runs at once (the concurrency run's ceiling besides the pool)")
     parser.add_argument("--concurrency-policies", nargs="+", default=["heads", "h2o"])
     parser.add_argument("--admission", action="store_true", help="also report how many 4k-token requests the engine admits into --concurrency-pool blocks (no run)")
+    parser.add_argument("--admission-pools", type=int, nargs="+", default=None, metavar="BLOCKS", help="pools the admission arithmetic is done for (default: --concurrency-pool)")
     parser.add_argument("--out", default=str(RESULTS / "kv_compaction.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         out_path.write_text(json.dumps({**meta, **extra, **(more or {}), "cells": cells}, indent=1))
 
     if args.admission:
-        extra["admission"] = admission(engine, [None, *args.concurrency_policies, "snapkv", "recent", "triattention"], 4096, args.concurrency_pool)
+        policies = [None, *args.concurrency_policies, *(p for p in ("snapkv", "recent", "triattention") if p not in args.concurrency_policies)]
+        extra["admission"] = [row for pool in args.admission_pools or [args.concurrency_pool] for row in admission(engine, policies, 4096, pool)]
         for row in extra["admission"]:
             print(f"admission {row}", file=sys.stderr, flush=True)
         save()
