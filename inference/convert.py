@@ -113,7 +113,6 @@ class TokenBatches:
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.buffer: list[int] = []
         self.order: list[int] = []
-        self.produced = 0  # batches handed out
         self.taken = 0  # tokens handed out, so a resumed run can skip them whatever the rows' shape was
 
     def _refill(self) -> None:
@@ -132,13 +131,8 @@ class TokenBatches:
         while len(self.buffer) < need:
             self._refill()
         rows, self.buffer = self.buffer[:need], self.buffer[need:]
-        self.produced += 1
         self.taken += need
         return torch.tensor(rows).view(self.batch, self.seq_len)  # (B, T)
-
-    def skip(self, batches: int) -> None:
-        for _ in range(batches):
-            next(self)
 
     def skip_tokens(self, tokens: int) -> None:
         """Drop the next ``tokens`` tokens of the stream: rows are cut from it in order, so this lands where a
@@ -367,7 +361,6 @@ class ConvertConfig:
     gdn_sinks: int = 4
     checkpoint_every: int = 20  # optimizer steps between resumable checkpoints
     extra: dict = field(default_factory=dict)
-
 
     def distill_shape(self) -> tuple[int, int]:
         """(rows, tokens per row) of a stage-2 step."""
