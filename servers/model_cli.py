@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+PROBES = ("passkey", "passkey-prose")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,10 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a model folder (HydraHead or a transformers Llama-family checkpoint), a .gguf file, or 'smollm2' for the "
         "bundled SmolLM2-135M-Instruct",
     )
-    heads.add_argument("--probe", choices=("passkey",), default="passkey", help="the retrieval probe (default passkey)")
+    heads.add_argument("--probe", choices=PROBES, default="passkey",
+                       help="the retrieval probe: passkey (a key in short synthetic filler, its first token scored) or passkey-prose "
+                       "(a key in --length tokens of --corpus prose, every digit scored; default passkey)")
+    heads.add_argument("--corpus", metavar="PATH", help="text for the passkey-prose haystack (its training split: held-out rows are left for evaluation)")
+    heads.add_argument("--length", type=int, default=1024, help="passkey-prose prompt length in tokens (default 1024)")
     heads.add_argument("--ratio", type=float, default=0.125, help="fraction of heads kept as full attention (default 0.125 = 1 in 8)")
     heads.add_argument("--min-per-layer", type=int, default=0, help="full-attention heads every layer keeps at least (default 0)")
-    heads.add_argument("--samples", type=int, default=4, help="probe prompts (default 4)")
+    heads.add_argument("--samples", type=int, default=None, help="probe prompts (default 4 for passkey, 8 for passkey-prose)")
     heads.add_argument("--filler", type=int, default=6, help="filler paragraphs around the pass key (default 6, about 170 tokens)")
     heads.add_argument("--top", type=int, default=None, help="print only the best N heads (default all)")
     heads.add_argument("--out", metavar="FILE", help="write the scores and the selection to this JSON file")
@@ -56,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pick.add_argument("--heads", metavar="FILE", help="full-attention heads from `hydrabrain model heads --out FILE`")
     pick.add_argument("--select", choices=("patching", "random", "layerwise"), default="patching",
                       help="how to choose the full-attention heads when --heads is not given (default patching: runs the pass-key probe)")
+    convert.add_argument("--probe", choices=PROBES, default="passkey",
+                         help="the probe --select patching ranks heads on (default passkey; passkey-prose hides keys in --corpus training text)")
+    convert.add_argument("--probe-length", type=int, default=1024, metavar="N", help="passkey-prose prompt length in tokens (default 1024)")
     convert.add_argument("--ratio", type=float, default=0.125, help="fraction of KV groups kept as full attention (default 0.125: 11 of SmolLM2's 90)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the random selection, the data order and the new weights (default 0)")
     convert.add_argument("--corpus", required=True, metavar="PATH",
@@ -120,15 +128,30 @@ def _load(name: str, why: str):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval(), tokenizer
 
 
-def _heads(args: argparse.Namespace) -> int:
-    from hydrabrain.inference.patching import format_table, passkey_probe, patch_heads, select_heads
+def build_probe(name: str, tokenizer, corpus: str | None, samples: int | None = None, length: int = 1024, filler: int = 6):
+    """The probe `--probe NAME` asks for; ValueError (or CorpusError) with the reason when it cannot be built."""
+    from hydrabrain.inference.convert import read_texts
+    from hydrabrain.inference.patching import passkey_probe, passkey_prose_probe
 
+    if name == "passkey":
+        return passkey_probe(tokenizer, samples=samples or 4, filler_repeats=filler)
+    if not corpus:
+        raise ValueError("--probe passkey-prose needs --corpus: the prose its pass keys hide in")
+    return passkey_prose_probe(tokenizer, read_texts(corpus, "train"), length=length, samples=samples or 8)
+
+
+def _heads(args: argparse.Namespace) -> int:
+    from hydrabrain.inference.convert import CorpusError
+    from hydrabrain.inference.patching import format_table, patch_heads, select_heads
+
+    if args.probe == "passkey-prose" and not args.corpus:
+        raise SystemExit("hydrabrain: --probe passkey-prose needs --corpus: the prose its pass keys hide in")
     model, tokenizer = _load(args.model, f"the {args.probe} probe")
     try:
-        probe = passkey_probe(tokenizer, samples=args.samples, filler_repeats=args.filler)
+        probe = build_probe(args.probe, tokenizer, args.corpus, args.samples, args.length, args.filler)
         result = patch_heads(model, probe)
         selection = select_heads(result, ratio=args.ratio, min_per_layer=args.min_per_layer)
-    except ValueError as exc:
+    except (ValueError, CorpusError) as exc:
         raise SystemExit(f"hydrabrain: {exc}") from exc
     print(format_table(result, selection, top=args.top))
     chosen = sum(len(g) for g in selection)
@@ -137,6 +160,8 @@ def _heads(args: argparse.Namespace) -> int:
         payload = {
             "model": args.model,
             "probe": args.probe,
+            "answer_tokens": result.meta["answer_tokens"],
+            "samples": result.meta["samples"],
             "ratio": args.ratio,
             "min_per_layer": args.min_per_layer,
             "fa_heads": selection,
@@ -157,7 +182,7 @@ def _heads(args: argparse.Namespace) -> int:
 def _fa_heads(args: argparse.Namespace, teacher, tokenizer) -> tuple[list[list[int]], str]:
     """The FA groups per layer the flags ask for, and how they were chosen."""
     from hydrabrain.inference.convert import head_budget, layerwise_heads, random_heads
-    from hydrabrain.inference.patching import passkey_probe, patch_heads, select_heads
+    from hydrabrain.inference.patching import patch_heads, select_heads
 
     L = teacher.config.num_hidden_layers
     G = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
@@ -174,8 +199,12 @@ def _fa_heads(args: argparse.Namespace, teacher, tokenizer) -> tuple[list[list[i
         return random_heads(L, G, budget, args.seed), "random"
     if args.select == "layerwise":
         return layerwise_heads(L, G, budget), "layerwise"
-    print("ranking heads by causal patching on the pass-key probe ...", file=sys.stderr, flush=True)
-    return select_heads(patch_heads(teacher, passkey_probe(tokenizer)), ratio=args.ratio), "patching"
+    print(f"ranking heads by causal patching on the {args.probe} probe ...", file=sys.stderr, flush=True)
+    try:
+        probe = build_probe(args.probe, tokenizer, args.corpus, length=args.probe_length)
+        return select_heads(patch_heads(teacher, probe), ratio=args.ratio), "patching"
+    except ValueError as exc:
+        raise SystemExit(f"hydrabrain: {exc}") from exc
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hydrabrain.inference.model import HydraHeadConfig, HydraHeadForCausalLM
-from hydrabrain.inference.patching import HeadScore, PatchingResult, Probe, patch_heads, select_heads
+from hydrabrain.inference.patching import HeadScore, PatchingResult, Probe, passkey_prose_probe, patch_heads, select_heads
 from hydrabrain.servers.cli import main
 
 VOCAB = 53
@@ -24,6 +24,17 @@ def retrieval_probe(n: int = 6, length: int = 20, seed: int = 0) -> Probe:
     corrupt = clean.clone()
     corrupt[:, 5] = (clean[:, 5] + 1 + torch.randint(0, VOCAB - 1, (n,), generator=gen)) % VOCAB
     return Probe(clean, corrupt, clean[:, 5], corrupt[:, 5], name="toy")
+
+
+def span_probe(n: int = 6, length: int = 20, seed: int = 0) -> Probe:
+    """Two retrieved tokens (positions 5 and 6) answered at the last two positions, the first teacher-forced."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, VOCAB, (n, length), generator=gen)
+    corrupt = clean.clone()
+    for pos in (5, 6):
+        corrupt[:, pos] = (clean[:, pos] + 1 + torch.randint(0, VOCAB - 1, (n,), generator=gen)) % VOCAB
+    clean[:, -1] = corrupt[:, -1] = clean[:, 5]  # both end with the clean answer's first token
+    return Probe(clean, corrupt, clean[:, 5:7], corrupt[:, 5:7], name="toy-span")
 
 
 def only_head_writes(model, layer: int, group: int, rep: int, head_dim: int) -> None:
@@ -54,6 +65,45 @@ def test_patching_finds_the_one_head_that_carries_the_retrieval(layer_heads, kno
     assert all(abs(s.restored) < 1e-4 for s in result.scores[1:])
     selection = select_heads(result, ratio=1 / 8)
     assert selection[known[0]] == [known[1]] and sum(map(len, selection)) == 1
+
+
+def test_a_span_answer_credits_the_head_at_every_answer_position():
+    torch.manual_seed(0)
+    config = HydraHeadConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, layer_heads=["FFFF", "FGFF"])
+    model = HydraHeadForCausalLM(config).eval()
+    only_head_writes(model, 1, 3, rep=1, head_dim=8)
+    result = patch_heads(model, span_probe())
+    assert (result.scores[0].layer, result.scores[0].group) == (1, 3)
+    assert result.scores[0].restored == pytest.approx(1.0, abs=1e-4)
+    assert all(abs(s.restored) < 1e-4 for s in result.scores[1:])
+    assert result.meta["answer_tokens"] == 2
+
+
+def test_a_one_token_span_scores_as_a_single_answer_token():
+    torch.manual_seed(0)
+    model = HydraHeadForCausalLM(HydraHeadConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4)).eval()
+    probe = retrieval_probe()
+    spanned = Probe(probe.clean, probe.corrupt, probe.clean[:, 5:6], probe.corrupt[:, 5:6])  # (N, 1): a span of one
+    assert [(s.layer, s.group, round(s.restored, 5)) for s in patch_heads(model, probe).scores] == \
+        [(s.layer, s.group, round(s.restored, 5)) for s in patch_heads(model, spanned).scores]
+
+
+@pytest.mark.parametrize("kind", ["hydrahead", "llama"])
+def test_patching_reads_only_the_answer_positions_against_a_cached_prefix_and_scores_the_same(kind):
+    torch.manual_seed(0)
+    if kind == "hydrahead":
+        model = HydraHeadForCausalLM(HydraHeadConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                     num_attention_heads=4, num_key_value_heads=2, layer_heads=["FG", "GF"],
+                                                     head_fusion="teacher", gdn_window=4, gdn_sinks=1)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    cached, whole = patch_heads(model, span_probe(), cached=True), patch_heads(model, span_probe(), cached=False)
+    assert [(s.layer, s.group) for s in cached.scores] == [(s.layer, s.group) for s in whole.scores]
+    assert [s.restored for s in cached.scores] == pytest.approx([s.restored for s in whole.scores], abs=1e-4)
+    assert cached.corrupt_logit_diff == pytest.approx(whole.corrupt_logit_diff, abs=1e-4)
 
 
 def test_patching_ranks_kv_groups_of_a_transformers_llama_model():
@@ -104,6 +154,10 @@ def test_a_probe_without_distinct_answer_tokens_is_refused_at_construction():
         Probe(ids, ids, torch.tensor([1]), torch.tensor([2]))
     with pytest.raises(ValueError, match="one shape"):
         Probe(ids, ids[:, :4], torch.tensor([1, 2]), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="same clean and corrupt answer token"):
+        Probe(ids, ids, torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 5]]))
+    with pytest.raises(ValueError, match="at most the prompt length"):
+        Probe(ids, ids, torch.ones(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long))
 
 
 def test_a_model_that_cannot_tell_clean_from_corrupt_is_reported_not_ranked():
@@ -146,6 +200,38 @@ def test_the_heads_command_prints_the_ranking_and_writes_the_selection(llama_fol
     assert saved["probe"] == "passkey" and len(saved["scores"]) == 4
     assert sum(map(len, saved["fa_heads"])) == 1 and len(saved["layer_heads"]) == 2
     assert sorted(saved["layer_heads"][0] + saved["layer_heads"][1]) == ["F", "G", "G", "G"]
+
+
+PROSE = ["Python enhancement proposals describe a change to the language and why it is wanted. " * 12,
+         "A proposal is discussed on the mailing list, revised, and then accepted or rejected. " * 12]
+
+
+def test_the_prose_probe_hides_keys_that_differ_in_every_digit_and_scores_each_digit(llama_folder):
+    tokenizer = AutoTokenizer.from_pretrained(llama_folder)
+    probe = passkey_prose_probe(tokenizer, PROSE, length=200, samples=3, seed=1)
+    n, k = probe.clean_answer.shape
+    assert n == 3 and k >= 5  # SmolLM2 writes a digit per token
+    assert bool((probe.clean_answer != probe.corrupt_answer).all())
+    for i in range(n):
+        clean, corrupt = probe.clean[i], probe.corrupt[i]
+        assert clean[-(k - 1):].tolist() == probe.clean_answer[i, :-1].tolist() == corrupt[-(k - 1):].tolist()
+        assert 0 < int((clean != corrupt).sum()) <= 2 * k  # only the hidden key differs
+        assert "The pass key is" in tokenizer.decode(clean)
+
+
+def test_the_heads_command_ranks_heads_on_the_prose_probe(llama_folder, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROSE))
+    out = tmp_path / "heads.json"
+    assert main(["model", "heads", str(llama_folder), "--probe", "passkey-prose", "--corpus", str(corpus), "--length", "200",
+                 "--samples", "2", "--ratio", "0.25", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["probe"] == "passkey-prose" and saved["answer_tokens"] >= 5 and sum(map(len, saved["fa_heads"])) == 1
+
+
+def test_the_prose_probe_needs_a_corpus(llama_folder):
+    with pytest.raises(SystemExit, match="--probe passkey-prose needs --corpus"):
+        main(["model", "heads", str(llama_folder), "--probe", "passkey-prose"])
 
 
 def test_the_heads_command_explains_a_ratio_it_cannot_honour(llama_folder, capsys):
