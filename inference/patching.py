@@ -113,11 +113,12 @@ def _answer_runner(model: nn.Module, ids: torch.Tensor, k: int, cached: bool) ->
     """
     if cached and ids.shape[1] > k:
         out = model(ids[:, :-k], use_cache=True)
-        hydra_cache, hf_cache = getattr(out, "cache", None), getattr(out, "past_key_values", None)
-        if hydra_cache is not None:  # the project's HybridCache: FA K/V, GDN state and windows
-            return lambda: model(ids[:, -k:], cache=copy.deepcopy(hydra_cache), use_cache=True).logits
-        if hf_cache is not None:
-            return lambda: model(ids[:, -k:], past_key_values=copy.deepcopy(hf_cache), use_cache=True).logits
+        cache = getattr(out, "cache", None)  # HybridCache (FA K/V, GDN state, windows) or a transformers Cache
+        if cache is not None:
+            return lambda: model(ids[:, -k:], cache=copy.deepcopy(cache), use_cache=True).logits
+        legacy = getattr(out, "past_key_values", None)  # transformers before `cache` replaced the name
+        if legacy is not None:
+            return lambda: model(ids[:, -k:], past_key_values=copy.deepcopy(legacy), use_cache=True).logits
     return lambda: model(ids).logits[:, -k:]
 
 
