@@ -11,6 +11,7 @@ lexical index, so fusion can join them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,13 +48,30 @@ def coverage(terms: Sequence[str], text: str) -> float:
     """Share of the query's content words that occur in `text` (prefix match tolerates plurals)."""
     if not terms:
         return 0.0
-    return coverage_of(terms, set(query_terms(text)))
+    return coverage_of(terms, text_words(text))
+
+
+class TextWords(frozenset):
+    """A text's content words (``set(query_terms(text))``), with every prefix of four or more letters
+    of its words, so the prefix match in `coverage_of` is set lookups instead of a scan per term."""
+
+    prefixes: frozenset[str]
+
+
+@functools.lru_cache(maxsize=16384)
+def text_words(text: str) -> TextWords:
+    """A text's words, kept for texts seen again: the same turns and pages come back as candidates
+    query after query, and splitting them and scanning for prefixes was a third of a recall's time."""
+    words = TextWords(query_terms(text))
+    words.prefixes = frozenset(w[:i] for w in words if len(w) > 3 for i in range(4, len(w) + 1))
+    return words
 
 
 def coverage_of(terms: Sequence[str], words: set[str]) -> float:
-    """`coverage` against a text's words already split (``set(query_terms(text))``)."""
+    """`coverage` against a text's words already split (``set(query_terms(text))`` or `text_words`)."""
     if not terms:
         return 0.0
+    prefixes = words.prefixes if isinstance(words, TextWords) else None
     hit = 0
     longer: list[str] | None = None  # words a prefix match may use, listed once and only when needed
     for term in terms:
@@ -61,6 +79,9 @@ def coverage_of(terms: Sequence[str], words: set[str]) -> float:
             hit += 1
             continue
         if len(term) <= 3:
+            continue
+        if prefixes is not None:  # a longer word starts with the term, or the term with a word of 4+ letters
+            hit += term in prefixes or any(term[:i] in words for i in range(4, len(term)))
             continue
         if longer is None:
             longer = [w for w in words if len(w) > 3]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -120,6 +121,7 @@ class EdgeVectorStore:
         self._shard = None
         self._lock_fd: int | None = None
         self._timer: threading.Timer | None = None
+        self._last_used = 0.0
         self._params = qe.SearchParams(hnsw_ef=hnsw_ef, exact=exact)
         self._config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
         self._indexed = (ID_FIELD, *indexed)
@@ -183,18 +185,33 @@ class EdgeVectorStore:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"vector collection {self.path.name} is closed")
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             if self._shard is None:
                 self._open()
             try:
                 yield self._shard
             finally:
-                timer = threading.Timer(self.idle_release_s, self._release)
-                timer.daemon = True
-                self._timer = timer
-                timer.start()
+                # One watcher per idle period, not a timer thread per call: a recall makes a few calls
+                # here, and starting a thread each time cost more than the search it followed.
+                self._last_used = time.monotonic()
+                if self._timer is None:
+                    self._watch(self.idle_release_s)
+
+    def _watch(self, delay: float) -> None:
+        timer = threading.Timer(delay, self._release_if_idle)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def _release_if_idle(self) -> None:
+        with self._lock:
+            if self._timer is None or self._timer is not threading.current_thread():
+                return  # cancelled, or replaced, while this one waited for the lock
+            self._timer = None
+            idle = time.monotonic() - self._last_used
+            if idle < self.idle_release_s:
+                self._watch(self.idle_release_s - idle)  # used since: look again when it can have been idle long enough
+                return
+            self._release()  # still under the lock (re-entrant): no call can slip in between the check and the close
 
     def _filter(self, where: Where | None):  # noqa: ANN202 - qdrant_edge.Filter
         return _build_filter(self._qe, where)

@@ -102,11 +102,16 @@ CREATE INDEX IF NOT EXISTS lessons_user ON lessons(user);
 _ADDED_COLUMNS = {"speaker": "TEXT", "turn": "INTEGER", "dates": "TEXT NOT NULL DEFAULT '[]'"}
 
 
+def _list(column: str) -> list:
+    # Most turns carry no facts, names or dates; a recall reads hundreds of rows, so skip the parser for "[]".
+    return [] if column == "[]" else json.loads(column)
+
+
 def _episode(row: sqlite3.Row) -> Episode:
     return Episode(
         row["id"], row["user"], row["team"], row["session_id"], row["kind"], row["text"], row["at"],
-        row["recorded_at"], json.loads(row["fact_ids"]), json.loads(row["entities"]),
-        row["speaker"], row["turn"], json.loads(row["dates"]),
+        row["recorded_at"], _list(row["fact_ids"]), _list(row["entities"]),
+        row["speaker"], row["turn"], _list(row["dates"]),
     )
 
 

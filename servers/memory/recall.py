@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hydrabrain.shared.lexical import LexicalIndex, query_terms, stem
-from hydrabrain.shared.retrieval import coverage_of
+from hydrabrain.shared.retrieval import coverage_of, text_words
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def weighted_coverage(weights: Mapping[str, float], text: str) -> float:
     total = sum(weights.values())
     if total <= 0:
         return 0.0
-    words = set(query_terms(text))
+    words = text_words(text)
     got = sum(w for term, w in weights.items() if coverage_of([term], words) > 0)
     return got / total
 

@@ -63,3 +63,19 @@ def test_graph_neighbours_of_the_best_hits_join_the_candidates(settings: Setting
 def test_removed_items_are_no_longer_returned(retriever: HybridRetriever) -> None:
     retriever.remove(ids=["d2"])
     assert all(h.id != "d2" for h in retriever.search("ZX-4471", k=4))
+
+
+def test_cached_text_words_match_a_fresh_split_in_coverage_prefixes_included() -> None:
+    import random
+
+    from hydrabrain.shared.lexical import query_terms
+    from hydrabrain.shared.retrieval import coverage_of, text_words
+
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcde") for _ in range(rng.randint(2, 8))) for _ in range(300)]  # many shared prefixes
+    for _ in range(2000):
+        text = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 20)))
+        terms = query_terms(" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 6))))
+        assert coverage_of(terms, text_words(text)) == coverage_of(terms, set(query_terms(text)))
+    assert coverage_of(["moving"], text_words("She moved to Paris")) == 0.0
+    assert coverage_of(["paint", "paris"], text_words("paintings of Paris")) == 1.0

@@ -180,3 +180,16 @@ def test_two_processes_take_turns_on_one_embedded_collection(settings: Settings)
     assert store.count() == 2
     assert set(store.get(["mine", "theirs"])) == {"mine", "theirs"}
     store.close()
+
+
+def test_a_burst_of_searches_starts_no_thread_per_call(settings: Settings) -> None:
+    """The idle release (see the two-process test above) is one watcher per idle period, not a timer per call."""
+    import threading
+
+    store = open_vector_store(settings, "burst", dim=3)
+    store.upsert([VectorPoint("a", unit(1, 0, 0), {})])
+    before = threading.active_count()
+    for _ in range(50):
+        assert store.search(unit(1, 0, 0), k=1)[0].id == "a"
+    assert threading.active_count() <= before
+    store.close()
