@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from hydrabrain.inference import evaluate, models  # noqa: E402
 from hydrabrain.inference.convert import ConvertConfig, convert, head_budget, layerwise_heads, random_heads, read_texts  # noqa: E402
 from hydrabrain.inference.model import HydraHeadForCausalLM  # noqa: E402
-from hydrabrain.inference.patching import passkey_probe, passkey_prose_probe, patch_heads, select_heads  # noqa: E402
+from hydrabrain.inference.patching import passkey_probe, passkey_prose_probe, rank_heads, select_heads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", choices=("passkey", "passkey-prose"), default="passkey",
                         help="the probe patching ranks heads on: the short synthetic one (first key token) or keys in the corpus's training prose, every digit scored")
     parser.add_argument("--probe-length", type=int, default=1024, help="passkey-prose prompt length (default 1024)")
+    parser.add_argument("--search", choices=("single", "greedy"), default="single", help="patching each head alone, or a greedily grown joint set")
     parser.add_argument("--work", default=None, help="where converted models are kept (default .bench/hydrahead_smollm2[_windowN])")
     parser.add_argument("--out", default=None, help="default benchmarks/results/hydrahead_smollm2[_windowN].json")
     parser.add_argument("--device", default="cpu")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command, "device": _device(args.device), "ratio": args.ratio, "fa_groups_budget": budget,
-                   "probe": args.probe, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
+                   "probe": args.probe, "search": args.search, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
                    "stage1_tokens": args.stage1_tokens, "stage2_tokens": args.stage2_tokens, "rows": rows}
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 probe = passkey_probe(tokenizer, samples=4)
             else:
                 probe = passkey_prose_probe(tokenizer, read_texts(args.corpus, "train"), length=args.probe_length, samples=8)
-            result = patch_heads(teacher, probe)
+            result = rank_heads(teacher, probe, args.search, budget, progress=lambda d, t, r: log(f"greedy search: {d}/{t} heads, joint restoration {r:.3f}"))
             selections.append(("patching", None, select_heads(result, ratio=args.ratio)))
         elif variant == "random":
             selections.append(("random", args.random_seeds[0], random_heads(L, G, budget, args.random_seeds[0])))

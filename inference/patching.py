@@ -114,6 +114,15 @@ def _answer_runner(model: nn.Module, ids: torch.Tensor, k: int, cached: bool) ->
     if cached and ids.shape[1] > k:
         out = model(ids[:, :-k], use_cache=True)
         cache = getattr(out, "cache", None)  # HybridCache (FA K/V, GDN state, windows) or a transformers Cache
+        if cache is not None and getattr(cache, "is_croppable", False):  # transformers: cut back to the prefix, no copy
+
+            def run_and_crop() -> torch.Tensor:
+                try:
+                    return model(ids[:, -k:], cache=cache, use_cache=True).logits
+                finally:
+                    cache.crop(-k)  # drop the k answer positions again (a negative count: this transformers API)
+
+            return run_and_crop
         if cache is not None:
             return lambda: model(ids[:, -k:], cache=copy.deepcopy(cache), use_cache=True).logits
         legacy = getattr(out, "past_key_values", None)  # transformers before `cache` replaced the name
@@ -201,6 +210,106 @@ def patch_heads(model: nn.Module, probe: Probe, batch_size: int = 8, cached: boo
     ]
     scores.sort(key=lambda s: (-s.restored, s.layer, s.group))
     return PatchingResult(scores, clean_total / n, corrupt_total / n, len(layers), G, {"probe": probe.name, "samples": n, "answer_tokens": k})
+
+
+@torch.no_grad()
+def greedy_heads(model: nn.Module, probe: Probe, budget: int, batch_size: int = 8, cached: bool = True,
+                 progress: Callable[[int, int, float], None] | None = None) -> PatchingResult:
+    """Grow the set of heads that, patched clean together, restores the most of the answer.
+
+    Patching one head at a time misses heads that only matter together (a copying head needs the
+    heads that found the key; several heads can each carry part of it), and a hybrid keeps a *set*
+    of heads exact. So: start empty, and ``budget`` times add the head whose joint patch with those
+    already chosen restores the most. ``scores`` come back in the order chosen, each with the joint
+    restoration after it was added (cumulative, not its own); the rest follow with their last gain.
+    ``progress(round, budget, restored)`` is called after each round.
+    """
+    layers, H, G, D, layer_heads = _layout(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rep = H // G
+    n, k = probe.clean.shape[0], probe.clean_answer.shape[1]
+    if not 0 < budget <= len(layers) * G:
+        raise ValueError(f"budget must be between 1 and the model's {len(layers) * G} heads; got {budget}")
+    batches = []  # per batch: (saved clean outputs per layer, corrupt runner, good, bad, LD corrupt)
+    clean_total = corrupt_total = 0.0
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        good, bad = probe.clean_answer[sl].to(device), probe.corrupt_answer[sl].to(device)
+        saved: list[torch.Tensor | None] = [None] * len(layers)
+
+        def keep(i, saved=saved):
+            def hook(_module, args):
+                saved[i] = args[0][:, -k:].clone()
+
+            return hook
+
+        with _hooks(layers, keep):
+            ld_clean = _diff(model(probe.clean[sl].to(device)).logits[:, -k:], good, bad)
+        run = _answer_runner(model, probe.corrupt[sl].to(device), k, cached)
+        ld_corrupt = _diff(run(), good, bad)
+        clean_total += float(ld_clean.sum())
+        corrupt_total += float(ld_corrupt.sum())
+        batches.append((saved, run, good, bad, ld_corrupt))
+    gap = (clean_total - corrupt_total) / n
+    if abs(gap) < 1e-6:
+        raise ValueError(f"probe {probe.name!r}: the model scores the clean and corrupted prompts alike, so no head can be credited")
+
+    def joint(chosen: list[tuple[int, int]]) -> float:
+        by_layer: dict[int, list[int]] = {}
+        for layer, group in chosen:
+            by_layer.setdefault(layer, []).append(group)
+        total = 0.0
+        for saved, run, good, bad, ld_corrupt in batches:
+            handles = []
+            for layer, groups in by_layer.items():
+                def swap(_module, args, layer=layer, groups=groups, saved=saved):
+                    x = args[0].clone()
+                    for g in groups:
+                        cols = slice(g * rep * D, (g + 1) * rep * D)
+                        x[:, -k:, cols] = saved[layer][:, :, cols].to(x.dtype)
+                    return (x, *args[1:])
+                handles.append(layers[layer].register_forward_pre_hook(swap))
+            try:
+                total += float((_diff(run(), good, bad) - ld_corrupt).sum())
+            finally:
+                for h in handles:
+                    h.remove()
+        return total / n / gap
+
+    chosen: list[tuple[int, int]] = []
+    order: list[HeadScore] = []
+    last: dict[tuple[int, int], float] = {}
+    kind = (lambda layer, group: layer_heads[layer][group]) if layer_heads else (lambda layer, group: "attn")
+    for round_ in range(budget):
+        best, best_score = None, -float("inf")
+        for layer in range(len(layers)):
+            for group in range(G):
+                if (layer, group) in chosen:
+                    continue
+                score = joint([*chosen, (layer, group)])
+                last[(layer, group)] = score
+                if score > best_score:
+                    best, best_score = (layer, group), score
+        chosen.append(best)
+        order.append(HeadScore(best[0], best[1], best_score, kind(*best)))
+        if progress is not None:
+            progress(round_ + 1, budget, best_score)
+    rest = sorted((HeadScore(l, g, v, kind(l, g)) for (l, g), v in last.items() if (l, g) not in chosen), key=lambda s: (-s.restored, s.layer, s.group))
+    model.train(was_training)
+    return PatchingResult(order + rest, clean_total / n, corrupt_total / n, len(layers), G,
+                          {"probe": probe.name, "samples": n, "answer_tokens": k, "search": "greedy", "chosen": len(chosen)})
+
+
+def rank_heads(model: nn.Module, probe: Probe, search: str, budget: int,
+               progress: Callable[[int, int, float], None] | None = None) -> PatchingResult:
+    """``search`` "single" (`patch_heads`: each head alone) or "greedy" (`greedy_heads`: a joint set of ``budget``)."""
+    if search == "single":
+        return patch_heads(model, probe)
+    if search == "greedy":
+        return greedy_heads(model, probe, budget, progress=progress)
+    raise ValueError(f"unknown head search {search!r}: use 'single' or 'greedy'")
 
 
 def select_heads(result: PatchingResult, ratio: float = 0.125, min_per_layer: int = 0) -> list[list[int]]:

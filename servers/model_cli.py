@@ -14,6 +14,7 @@ from pathlib import Path
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 PROBES = ("passkey", "passkey-prose")
+SEARCHES = ("single", "greedy")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "(a key in --length tokens of --corpus prose, every digit scored; default passkey)")
     heads.add_argument("--corpus", metavar="PATH", help="text for the passkey-prose haystack (its training split: held-out rows are left for evaluation)")
     heads.add_argument("--length", type=int, default=1024, help="passkey-prose prompt length in tokens (default 1024)")
+    heads.add_argument("--search", choices=SEARCHES, default="single",
+                       help="single: score each head patched alone, keep the best (default); greedy: grow the set whose joint patch "
+                       "restores the most, one head per round (finds heads that matter together; ~90 short runs per chosen head)")
     heads.add_argument("--ratio", type=float, default=0.125, help="fraction of heads kept as full attention (default 0.125 = 1 in 8)")
     heads.add_argument("--min-per-layer", type=int, default=0, help="full-attention heads every layer keeps at least (default 0)")
     heads.add_argument("--samples", type=int, default=None, help="probe prompts (default 4 for passkey, 8 for passkey-prose)")
@@ -64,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--probe", choices=PROBES, default="passkey",
                          help="the probe --select patching ranks heads on (default passkey; passkey-prose hides keys in --corpus training text)")
     convert.add_argument("--probe-length", type=int, default=1024, metavar="N", help="passkey-prose prompt length in tokens (default 1024)")
+    convert.add_argument("--search", choices=SEARCHES, default="single",
+                         help="how --select patching ranks heads: each alone (single, default) or a greedily grown joint set (greedy)")
     convert.add_argument("--ratio", type=float, default=0.125, help="fraction of KV groups kept as full attention (default 0.125: 11 of SmolLM2's 90)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the random selection, the data order and the new weights (default 0)")
     convert.add_argument("--corpus", required=True, metavar="PATH",
@@ -140,16 +146,30 @@ def build_probe(name: str, tokenizer, corpus: str | None, samples: int | None = 
     return passkey_prose_probe(tokenizer, read_texts(corpus, "train"), length=length, samples=samples or 8)
 
 
+def rank_by_patching(model, probe, search: str, ratio: float):
+    """`patch_heads` or `greedy_heads` at the ratio's budget, with the greedy rounds reported on stderr."""
+    from hydrabrain.inference.convert import head_budget
+    from hydrabrain.inference.patching import rank_heads
+
+    L = model.config.num_hidden_layers
+    G = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+
+    def show(done: int, total: int, restored: float) -> None:
+        print(f"greedy search: {done}/{total} heads chosen, joint restoration {restored:.3f}", file=sys.stderr, flush=True)
+
+    return rank_heads(model, probe, search, head_budget(L, G, ratio), progress=show)
+
+
 def _heads(args: argparse.Namespace) -> int:
     from hydrabrain.inference.convert import CorpusError
-    from hydrabrain.inference.patching import format_table, patch_heads, select_heads
+    from hydrabrain.inference.patching import format_table, select_heads
 
     if args.probe == "passkey-prose" and not args.corpus:
         raise SystemExit("hydrabrain: --probe passkey-prose needs --corpus: the prose its pass keys hide in")
     model, tokenizer = _load(args.model, f"the {args.probe} probe")
     try:
         probe = build_probe(args.probe, tokenizer, args.corpus, args.samples, args.length, args.filler)
-        result = patch_heads(model, probe)
+        result = rank_by_patching(model, probe, args.search, args.ratio)
         selection = select_heads(result, ratio=args.ratio, min_per_layer=args.min_per_layer)
     except (ValueError, CorpusError) as exc:
         raise SystemExit(f"hydrabrain: {exc}") from exc
@@ -160,6 +180,7 @@ def _heads(args: argparse.Namespace) -> int:
         payload = {
             "model": args.model,
             "probe": args.probe,
+            "search": args.search,
             "answer_tokens": result.meta["answer_tokens"],
             "samples": result.meta["samples"],
             "ratio": args.ratio,
@@ -182,7 +203,7 @@ def _heads(args: argparse.Namespace) -> int:
 def _fa_heads(args: argparse.Namespace, teacher, tokenizer) -> tuple[list[list[int]], str]:
     """The FA groups per layer the flags ask for, and how they were chosen."""
     from hydrabrain.inference.convert import head_budget, layerwise_heads, random_heads
-    from hydrabrain.inference.patching import patch_heads, select_heads
+    from hydrabrain.inference.patching import select_heads
 
     L = teacher.config.num_hidden_layers
     G = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads
@@ -199,10 +220,10 @@ def _fa_heads(args: argparse.Namespace, teacher, tokenizer) -> tuple[list[list[i
         return random_heads(L, G, budget, args.seed), "random"
     if args.select == "layerwise":
         return layerwise_heads(L, G, budget), "layerwise"
-    print(f"ranking heads by causal patching on the {args.probe} probe ...", file=sys.stderr, flush=True)
+    print(f"ranking heads by causal patching ({args.search}) on the {args.probe} probe ...", file=sys.stderr, flush=True)
     try:
         probe = build_probe(args.probe, tokenizer, args.corpus, length=args.probe_length)
-        return select_heads(patch_heads(teacher, probe), ratio=args.ratio), "patching"
+        return select_heads(rank_by_patching(teacher, probe, args.search, args.ratio), ratio=args.ratio), "patching"
     except ValueError as exc:
         raise SystemExit(f"hydrabrain: {exc}") from exc
 

@@ -11,7 +11,15 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hydrabrain.inference.model import HydraHeadConfig, HydraHeadForCausalLM
-from hydrabrain.inference.patching import HeadScore, PatchingResult, Probe, passkey_prose_probe, patch_heads, select_heads
+from hydrabrain.inference.patching import (
+    HeadScore,
+    PatchingResult,
+    Probe,
+    greedy_heads,
+    passkey_prose_probe,
+    patch_heads,
+    select_heads,
+)
 from hydrabrain.servers.cli import main
 
 VOCAB = 53
@@ -104,6 +112,34 @@ def test_patching_reads_only_the_answer_positions_against_a_cached_prefix_and_sc
     assert [(s.layer, s.group) for s in cached.scores] == [(s.layer, s.group) for s in whole.scores]
     assert [s.restored for s in cached.scores] == pytest.approx([s.restored for s in whole.scores], abs=1e-4)
     assert cached.corrupt_logit_diff == pytest.approx(whole.corrupt_logit_diff, abs=1e-4)
+
+
+def test_greedy_search_finds_the_two_heads_that_carry_the_answer_together():
+    torch.manual_seed(0)
+    model = HydraHeadForCausalLM(HydraHeadConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4, layer_heads=["FFFF", "FGFF"])).eval()
+    with torch.no_grad():  # only groups 1 and 3 of layer 1 write: each alone restores part, the two together all
+        for i, block in enumerate(model.model.layers):
+            w = block.self_attn.o_proj.weight
+            keep = w.clone()
+            w.zero_()
+            if i == 1:
+                w[:, 8:16], w[:, 24:32] = keep[:, 8:16], keep[:, 24:32]
+    greedy = greedy_heads(model, span_probe(), budget=3)
+    assert {(s.layer, s.group) for s in greedy.scores[:2]} == {(1, 1), (1, 3)}
+    assert greedy.scores[1].restored == pytest.approx(1.0, abs=1e-4)  # joint, after both were chosen
+    assert greedy.scores[0].restored < 1.0 - 1e-3  # neither alone is enough
+    assert select_heads(greedy, ratio=2 / 8) == [[], [1, 3]]
+    assert greedy.meta["search"] == "greedy" and len(greedy.scores) == 8
+
+
+def test_greedy_search_on_a_transformers_model_scores_the_same_with_a_cropped_cache_as_whole():
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    cached, whole = greedy_heads(llama, span_probe(), budget=2), greedy_heads(llama, span_probe(), budget=2, cached=False)
+    assert [(s.layer, s.group) for s in cached.scores] == [(s.layer, s.group) for s in whole.scores]
+    assert [s.restored for s in cached.scores] == pytest.approx([s.restored for s in whole.scores], abs=1e-4)
 
 
 def test_patching_ranks_kv_groups_of_a_transformers_llama_model():
@@ -227,6 +263,17 @@ def test_the_heads_command_ranks_heads_on_the_prose_probe(llama_folder, tmp_path
                  "--samples", "2", "--ratio", "0.25", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["probe"] == "passkey-prose" and saved["answer_tokens"] >= 5 and sum(map(len, saved["fa_heads"])) == 1
+
+
+def test_the_heads_command_can_grow_the_set_greedily(llama_folder, tmp_path, capsys):
+    out = tmp_path / "heads.json"
+    assert main(["model", "heads", str(llama_folder), "--search", "greedy", "--ratio", "0.5", "--samples", "2",
+                 "--filler", "2", "--out", str(out)]) == 0
+    assert "greedy search: 2/2 heads chosen" in capsys.readouterr().err
+    saved = json.loads(out.read_text())
+    assert saved["search"] == "greedy" and sum(map(len, saved["fa_heads"])) == 2
+    chosen = {(s["layer"], s["group"]) for s in saved["scores"][:2]}
+    assert chosen == {(layer, g) for layer, groups in enumerate(saved["fa_heads"]) for g in groups}
 
 
 def test_the_prose_probe_needs_a_corpus(llama_folder):
