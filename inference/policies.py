@@ -270,7 +270,9 @@ class Heads(SnapKV):
 def load_head_ranking(path: str | Path) -> list[tuple[int, int]]:
     """(layer, KV group) best first, from a ranking file (``hydrabrain model heads --out`` writes one)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    scores = sorted(data["scores"], key=lambda s: -s["restored"])
+    scores = data["scores"]
+    if data.get("search") != "greedy":  # a greedy file is already in the order chosen (its scores are cumulative)
+        scores = sorted(scores, key=lambda s: -s["restored"])
     return [(int(s["layer"]), int(s["group"])) for s in scores]
 
 

@@ -228,3 +228,17 @@ def test_an_unknown_policy_or_a_budget_that_cannot_hold_sinks_and_window_is_refu
     with pytest.raises(RequestRejected) as info:
         engine.add_request(_prompt(300, 10), params)
     assert info.value.param == field
+
+
+def test_a_ranking_file_is_read_best_first_and_a_greedy_one_in_the_order_chosen(tmp_path):
+    import json
+
+    from hydrabrain.inference.policies import load_head_ranking
+
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({"scores": [{"layer": 1, "group": 0, "restored": 0.1}, {"layer": 2, "group": 1, "restored": 0.6}]}))
+    assert load_head_ranking(single) == [(2, 1), (1, 0)]
+    greedy = tmp_path / "greedy.json"  # cumulative: the later heads score higher only because the earlier are in
+    greedy.write_text(json.dumps({"search": "greedy", "scores": [{"layer": 1, "group": 0, "restored": 0.4},
+                                                                  {"layer": 2, "group": 1, "restored": 0.9}]}))
+    assert load_head_ranking(greedy) == [(1, 0), (2, 1)]
