@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the probe patching ranks heads on: the short synthetic one (first key token) or keys in the corpus's training prose, every digit scored")
     parser.add_argument("--probe-length", type=int, default=1024, help="passkey-prose prompt length (default 1024)")
     parser.add_argument("--search", choices=("single", "greedy"), default="single", help="patching each head alone, or a greedily grown joint set")
+    parser.add_argument("--heads-file", default=None, help="take the patching variant's FA heads from `hydrabrain model heads --out FILE` instead of ranking here")
     parser.add_argument("--work", default=None, help="where converted models are kept (default .bench/hydrahead_smollm2[_windowN])")
     parser.add_argument("--out", default=None, help="default benchmarks/results/hydrahead_smollm2[_windowN].json")
     parser.add_argument("--device", default="cpu")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command, "device": _device(args.device), "ratio": args.ratio, "fa_groups_budget": budget,
-                   "probe": args.probe, "search": args.search, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
+                   "probe": args.probe, "search": args.search, "heads_file": args.heads_file, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
                    "stage1_tokens": args.stage1_tokens, "stage2_tokens": args.stage2_tokens, "rows": rows}
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
     selections: list[tuple[str, int | None, list[list[int]]]] = []
     for variant in args.variants:
-        if variant == "patching":
+        if variant == "patching" and args.heads_file:
+            saved = json.loads(Path(args.heads_file).read_text())
+            log(f"patching: FA heads from {args.heads_file} (probe {saved.get('probe')}, search {saved.get('search', 'single')})")
+            selections.append(("patching", None, [sorted(g) for g in saved["fa_heads"]]))
+        elif variant == "patching":
             if args.probe == "passkey":
                 probe = passkey_probe(tokenizer, samples=4)
             else:
