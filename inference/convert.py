@@ -8,9 +8,10 @@ The recipe (after LoLCATs and RADLADS), with the teacher frozen throughout:
    one teacher forward gives every layer's input, so all layers train at once and independently.
    The loss is the mean squared error relative to the teacher head's mean square.
 2. Distillation. The whole student runs on the same text and learns the teacher's next-token
-   distribution (KL(teacher || student), every position). Only GDN and fusion parameters train
-   (the GDN heads' rows of q/k/v, convolution, decay, beta, norm, gate and gain); FA heads, MLPs,
-   embeddings and norms stay the teacher's.
+   distribution (KL(teacher || student), every position). By default only GDN and fusion parameters
+   train (the GDN heads' rows of q/k/v, convolution, decay, beta, norm, gate and gain); FA heads, MLPs,
+   embeddings and norms stay the teacher's. ``distill_train="all"`` also trains every layer's own
+   weights (FA heads whole; MLPs and norms at a tenth of the rate); embeddings stay frozen.
 
 Because a GDN head's stage-1 target and inputs do not depend on which other heads are GDN, heads
 trained in stage 1 by one conversion can seed another (``stage1_from``): an all-GDN stage 1 is a
@@ -204,10 +205,31 @@ def gdn_rows(attn: HydraAttention, group: int) -> dict[str, torch.Tensor]:
 PER_LAYER_GDN = ("gdn_norm.weight",)  # shared by a layer's GDN heads
 
 
-def trainable_parameters(student: HydraHeadForCausalLM) -> list[nn.Parameter]:
-    """Freeze everything but the GDN heads and their fusion; FA rows of q/k/v get their gradient zeroed."""
+DISTILL_TRAIN = ("gdn", "all")
+
+
+def trainable_parameters(student: HydraHeadForCausalLM, everything: bool = False) -> list[dict]:
+    """AdamW parameter groups: the GDN heads and their fusion (``lr_scale`` 1), the rest frozen.
+
+    By default the FA rows of q/k/v get their gradient zeroed, so the kept heads stay the teacher's.
+    With ``everything`` (stage 2 of ``distill_train="all"``) every layer's attention trains whole,
+    FA heads included, and its MLPs and norms train too, in a second group (``lr_scale`` 0.1 of the
+    stage's rate): the teacher's own weights may then move to work around what the GDN heads
+    approximate. Embeddings and the output head stay frozen.
+    """
+    for handle in getattr(student, "_fa_grad_masks", []):
+        handle.remove()
+    masks: list = []
+    student._fa_grad_masks = masks
     for p in student.parameters():
         p.requires_grad_(False)
+    if everything:
+        attention = [p for layer in student.model.layers for p in layer.self_attn.parameters()]
+        seen = {id(p) for p in attention}
+        rest = [p for layer in student.model.layers for p in layer.parameters() if id(p) not in seen] + list(student.model.norm.parameters())
+        for p in attention + rest:
+            p.requires_grad_(True)
+        return [{"params": attention, "lr_scale": 1.0}, {"params": rest, "lr_scale": 0.1}]
     params = []
     for layer in student.model.layers:
         attn = layer.self_attn
@@ -226,8 +248,8 @@ def trainable_parameters(student: HydraHeadForCausalLM) -> list[nn.Parameter]:
                 mask = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
                 mask[torch.cat(keep[name]).to(param.device)] = 1
                 shape = (-1,) + (1,) * (param.dim() - 1)
-                param.register_hook(lambda grad, mask=mask.view(shape): grad * mask)
-    return params
+                masks.append(param.register_hook(lambda grad, mask=mask.view(shape): grad * mask))
+    return [{"params": params, "lr_scale": 1.0}]
 
 
 @torch.no_grad()
@@ -354,6 +376,9 @@ class ConvertConfig:
     distill_batch: int | None = None  # default: batch * seq_len // distill_seq_len rows, so a step reads as many tokens
     lr: float = 1e-3  # stage 1 learning rate (AdamW, cosine to a tenth)
     lr_distill: float = 3e-4  # stage 2 learning rate
+    # stage 2 trains the GDN heads and fusion ("gdn"), or every layer's weights ("all": FA heads too,
+    # MLPs and norms at a tenth of the rate), so the kept weights can adapt around the GDN heads
+    distill_train: str = "gdn"
     seed: int = 0
     device: str = "cpu"
     stage1_from: str | None = None  # a converted folder whose stage-1 GDN heads seed this one
@@ -392,9 +417,10 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
 def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: StageReport, cfg, save, progress) -> None:
     per_step = batches.batch * batches.seq_len
     steps = max(1, tokens // per_step) if tokens else 0
-    if steps == 0 or not params:
+    if steps == 0 or not any(group["params"] for group in params):
         return
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    every = [p for group in params for p in group["params"]]
     if state.get("stage") == name and state.get("optimizer"):
         opt.load_state_dict(state["optimizer"])
     start = report.steps
@@ -403,11 +429,11 @@ def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: Stag
     for step in range(start, steps):
         ids = next(batches).to(cfg.device)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = _lr_at(step, steps, lr) * group.get("lr_scale", 1.0)
         loss = loss_fn(ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(every, 1.0)
         opt.step()
         value = loss.detach().item()
         if not math.isfinite(value):
@@ -431,6 +457,8 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
     t0 = time.perf_counter()
     out = Path(out)
     progress = progress or (lambda *a: None)
+    if cfg.distill_train not in DISTILL_TRAIN:
+        raise ValueError(f"distill_train must be one of {', '.join(DISTILL_TRAIN)}; got {cfg.distill_train!r}")
     texts = read_texts(corpus, "train")  # fails early and clearly on a bad corpus
     teacher = teacher.to(cfg.device).eval()
     for p in teacher.parameters():
@@ -480,6 +508,8 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
     batches.batch, batches.seq_len = cfg.distill_shape()
     # rows past 2k tokens do not fit a 24 GB machine's memory with every activation kept (4k rows: OOM)
     student.model.recompute_layers = batches.seq_len > RECOMPUTE_ABOVE
+    if cfg.distill_train == "all":
+        params = trainable_parameters(student, everything=True)
     if reports["stage2"].tokens < cfg.stage2_tokens:
         _train_stage("stage2", lambda ids: distill_loss(teacher, student, ids), params, batches, cfg.stage2_tokens, cfg.lr_distill,
                      state if state.get("stage") == "stage2" else {}, reports["stage2"], cfg, save, progress)

@@ -75,6 +75,22 @@ def test_training_changes_only_gdn_heads_and_their_fusion(tiny, corpus, tmp_path
     assert not torch.equal(ours["model.layers.0.self_attn.k_proj.weight"][D:], theirs["model.layers.0.self_attn.k_proj.weight"][D:])
 
 
+def test_distilling_everything_also_moves_the_kept_heads_and_mlps_but_not_the_embeddings(tiny, corpus, tmp_path):
+    student, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED, distill_train="all"))
+    theirs, ours = tiny.hf.state_dict(), student.state_dict()
+    D = 16
+    assert not torch.equal(ours["model.layers.0.mlp.up_proj.weight"], theirs["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(ours["model.layers.0.self_attn.k_proj.weight"][:D], theirs["model.layers.0.self_attn.k_proj.weight"][:D])
+    torch.testing.assert_close(ours["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+    assert report["recipe"]["distill_train"] == "all" and report["tokens"]["stage2"] == 128
+
+
+def test_an_unknown_distillation_scope_is_refused_before_any_work(tiny, corpus, tmp_path):
+    with pytest.raises(ValueError, match="distill_train must be one of gdn, all"):
+        convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED, distill_train="mlp"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_interrupted_conversion_resumes_from_its_checkpoint(tiny, corpus, tmp_path):
     seen = []
 
