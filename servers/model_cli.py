@@ -65,11 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pick.add_argument("--heads", metavar="FILE", help="full-attention heads from `hydrabrain model heads --out FILE`")
     pick.add_argument("--select", choices=("patching", "random", "layerwise"), default="patching",
                       help="how to choose the full-attention heads when --heads is not given (default patching: runs the pass-key probe)")
-    convert.add_argument("--probe", choices=PROBES, default="passkey",
-                         help="the probe --select patching ranks heads on (default passkey; passkey-prose hides keys in --corpus training text)")
+    convert.add_argument("--probe", choices=PROBES, default="passkey-prose",
+                         help="the probe --select patching ranks heads on (default passkey-prose: keys hidden in --corpus training text, every digit scored)")
     convert.add_argument("--probe-length", type=int, default=1024, metavar="N", help="passkey-prose prompt length in tokens (default 1024)")
-    convert.add_argument("--search", choices=SEARCHES, default="single",
-                         help="how --select patching ranks heads: each alone (single, default) or a greedily grown joint set (greedy)")
+    convert.add_argument("--search", choices=SEARCHES, default="greedy",
+                         help="how --select patching ranks heads: a greedily grown joint set (greedy, default) or each alone (single)")
     convert.add_argument("--ratio", type=float, default=0.125, help="fraction of KV groups kept as full attention (default 0.125: 11 of SmolLM2's 90)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the random selection, the data order and the new weights (default 0)")
     convert.add_argument("--corpus", required=True, metavar="PATH",

@@ -167,6 +167,17 @@ def test_the_command_line_converts_and_writes_its_evaluation(tiny, corpus, tmp_p
     assert "serve it with" in capsys.readouterr().err
 
 
+def test_the_command_line_chooses_heads_by_default_as_a_greedy_set_on_the_prose_probe(tiny, corpus, tmp_path, capsys):
+    out = tmp_path / "hybrid"
+    code = main(["model", "convert", str(tiny.folder), "--out", str(out), "--corpus", str(corpus), "--ratio", "0.5",
+                 "--probe-length", "128", "--tokens", "128", "--seq-len", "32", "--batch", "2", "--no-eval"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "ranking heads by causal patching (greedy) on the passkey-prose probe" in err and "greedy search: 2/2 heads chosen" in err
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["selection"] == "patching" and report["fa_groups"] == 2
+
+
 @pytest.mark.parametrize(
     "flags, complaint",
     [
