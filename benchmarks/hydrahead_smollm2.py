@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from hydrabrain.inference import evaluate, models  # noqa: E402
 from hydrabrain.inference.convert import ConvertConfig, convert, head_budget, layerwise_heads, random_heads, read_texts  # noqa: E402
 from hydrabrain.inference.model import HydraHeadForCausalLM  # noqa: E402
-from hydrabrain.inference.patching import passkey_probe, passkey_prose_probe, rank_heads, select_heads  # noqa: E402
+from hydrabrain.inference.patching import build_probe, rank_heads, select_heads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -145,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"patching: FA heads from {args.heads_file} (probe {saved.get('probe')}, search {saved.get('search', 'single')})")
             selections.append(("patching", None, [sorted(g) for g in saved["fa_heads"]]))
         elif variant == "patching":
-            if args.probe == "passkey":
-                probe = passkey_probe(tokenizer, samples=4)
-            else:
-                probe = passkey_prose_probe(tokenizer, read_texts(args.corpus, "train"), length=args.probe_length, samples=8)
+            probe = build_probe(args.probe, tokenizer, args.corpus, length=args.probe_length)
             result = rank_heads(teacher, probe, args.search, budget, progress=lambda d, t, r: log(f"greedy search: {d}/{t} heads, joint restoration {r:.3f}"))
             selections.append(("patching", None, select_heads(result, ratio=args.ratio)))
         elif variant == "random":

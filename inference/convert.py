@@ -429,7 +429,7 @@ def _train_stage(name, loss_fn, params, batches, tokens, lr, state, report: Stag
     for step in range(start, steps):
         ids = next(batches).to(cfg.device)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr) * group.get("lr_scale", 1.0)
+            group["lr"] = _lr_at(step, steps, lr) * group["lr_scale"]
         loss = loss_fn(ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -50,6 +50,28 @@ class PasskeyPrompt:
     depth: float  # where the needle sits, as a fraction of the haystack
 
 
+def haystack(tokenizer, texts: list[str], length: int) -> tuple[list[int], int]:
+    """(the texts' tokens, how many of them fill a ``length``-token pass-key prompt)."""
+    filler = tokenizer.encode("\n\n".join(texts), add_special_tokens=False)
+    overhead = len(tokenizer.encode(NEEDLE.format(key="12345") + QUESTION, add_special_tokens=False)) + 8
+    need = length - overhead
+    if need <= 0 or len(filler) < need + 1:
+        raise ValueError(f"cannot build {length}-token pass-key prompts: the filler text has {len(filler)} tokens")
+    return filler, need
+
+
+def hide_at(tokenizer, filler: list[int], need: int, rng: random.Random) -> tuple[str, str, float]:
+    """A random stretch of ``need`` filler tokens, split at a random depth: (prose before, prose after, depth)."""
+    start = rng.randrange(0, len(filler) - need)
+    depth = rng.uniform(0.1, 0.9)
+    cut = int(need * depth)
+    return tokenizer.decode(filler[start : start + cut]), tokenizer.decode(filler[start + cut : start + need]), depth
+
+
+def needle_prompt(before: str, after: str, key: str) -> str:
+    return f"{before.rstrip()} {NEEDLE.format(key=key)} {after.lstrip()}{QUESTION}"
+
+
 def passkey_prompts(tokenizer, texts: list[str], length: int, samples: int, seed: int = 0) -> list[PasskeyPrompt]:
     """``samples`` prompts of about ``length`` tokens: natural prose from ``texts`` with one 5-digit pass key hidden in it.
 
@@ -57,20 +79,12 @@ def passkey_prompts(tokenizer, texts: list[str], length: int, samples: int, seed
     (they miss the key when asked through their chat template).
     """
     rng = random.Random(seed)
-    filler = tokenizer.encode("\n\n".join(texts), add_special_tokens=False)
-    overhead = len(tokenizer.encode(NEEDLE.format(key="12345") + QUESTION, add_special_tokens=False)) + 8
-    need = length - overhead
-    if need <= 0 or len(filler) < need + 1:
-        raise ValueError(f"cannot build {length}-token pass-key prompts: the filler text has {len(filler)} tokens")
+    filler, need = haystack(tokenizer, texts, length)
     out = []
     while len(out) < samples:
         key = str(rng.randint(10000, 99999))
-        start = rng.randrange(0, len(filler) - need)
-        depth = rng.uniform(0.1, 0.9)
-        cut = int(need * depth)
-        before = tokenizer.decode(filler[start : start + cut])
-        after = tokenizer.decode(filler[start + cut : start + need])
-        text = f"{before.rstrip()} {NEEDLE.format(key=key)} {after.lstrip()}{QUESTION}"
+        before, after, depth = hide_at(tokenizer, filler, need, rng)
+        text = needle_prompt(before, after, key)
         prompt = tokenizer.encode(text, add_special_tokens=False)
         full = tokenizer.encode(text + " " + key, add_special_tokens=False)
         if full[: len(prompt)] != prompt or len(full) == len(prompt):

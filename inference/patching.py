@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -147,69 +147,100 @@ def _hooks(modules: list[nn.Module], hook_for) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class _Patcher:
+    """A probe's clean head outputs and its corrupted runs, ready to score any set of heads patched clean together."""
+
+    def __init__(self, model: nn.Module, probe: Probe, batch_size: int, cached: bool) -> None:
+        self.layers, H, G, D, self.layer_heads = _layout(model)
+        vocab = model.config.vocab_size
+        for name, answers in (("clean", probe.clean_answer), ("corrupt", probe.corrupt_answer)):
+            if int(answers.max()) >= vocab or int(answers.min()) < 0:
+                raise ValueError(f"probe {probe.name!r}: a {name} answer token is outside the model's vocabulary of {vocab}")
+        self.num_groups, self.width = G, (H // G) * D  # a group's query heads sit side by side in o_proj's input
+        self.n, self.k = probe.clean.shape[0], probe.clean_answer.shape[1]
+        self.probe_name = probe.name
+        device = next(model.parameters()).device
+        k = self.k
+        self.batches = []  # per batch: (clean outputs per layer at the answer positions, corrupt runner, good, bad, LD corrupt)
+        clean_total = corrupt_total = 0.0
+        for start in range(0, self.n, batch_size):
+            sl = slice(start, start + batch_size)
+            good, bad = probe.clean_answer[sl].to(device), probe.corrupt_answer[sl].to(device)
+            saved: list[torch.Tensor | None] = [None] * len(self.layers)
+
+            def keep(i, saved=saved):
+                def hook(_module, args):
+                    saved[i] = args[0][:, -k:].clone()  # (b, k, H * D) every head's output at the answer positions
+
+                return hook
+
+            with _hooks(self.layers, keep):
+                ld_clean = _diff(model(probe.clean[sl].to(device)).logits[:, -k:], good, bad)
+            run = _answer_runner(model, probe.corrupt[sl].to(device), k, cached)
+            ld_corrupt = _diff(run(), good, bad)
+            clean_total += float(ld_clean.sum())
+            corrupt_total += float(ld_corrupt.sum())
+            self.batches.append((saved, run, good, bad, ld_corrupt))
+        self.clean_ld, self.corrupt_ld = clean_total / self.n, corrupt_total / self.n
+        self.gap = self.clean_ld - self.corrupt_ld
+        if abs(self.gap) < 1e-6:
+            raise ValueError(
+                f"probe {probe.name!r}: the model scores the clean and corrupted prompts alike (logit difference gap {self.gap:.2e}), "
+                "so no head can be credited; use a model that solves the probe or a probe it can solve"
+            )
+
+    def kind(self, layer: int, group: int) -> str:
+        return self.layer_heads[layer][group] if self.layer_heads else "attn"
+
+    def restored(self, heads: Sequence[tuple[int, int]]) -> float:
+        """Share of the clean logit difference that comes back when these (layer, group) heads are patched clean together."""
+        by_layer: dict[int, list[int]] = {}
+        for layer, group in heads:
+            by_layer.setdefault(layer, []).append(group)
+        total = 0.0
+        for saved, run, good, bad, ld_corrupt in self.batches:
+            handles = []
+            for layer, groups in by_layer.items():
+
+                def swap(_module, args, layer=layer, groups=groups, saved=saved):
+                    x = args[0].clone()
+                    for g in groups:  # the cached run holds only the k answer positions
+                        cols = slice(g * self.width, (g + 1) * self.width)
+                        x[:, -self.k :, cols] = saved[layer][:, :, cols].to(x.dtype)
+                    return (x, *args[1:])
+
+                handles.append(self.layers[layer].register_forward_pre_hook(swap))
+            try:
+                total += float((_diff(run(), good, bad) - ld_corrupt).sum())
+            finally:
+                for h in handles:
+                    h.remove()
+        return total / self.n / self.gap
+
+    def result(self, scores: list[HeadScore], **meta) -> PatchingResult:
+        return PatchingResult(scores, self.clean_ld, self.corrupt_ld, len(self.layers), self.num_groups,
+                              {"probe": self.probe_name, "samples": self.n, "answer_tokens": self.k, **meta})
+
+
 @torch.no_grad()
 def patch_heads(model: nn.Module, probe: Probe, batch_size: int = 8, cached: bool = True) -> PatchingResult:
     """Score every head of ``model`` by patching its output at the answer positions from clean into corrupt runs."""
-    layers, H, G, D, layer_heads = _layout(model)
-    vocab = model.config.vocab_size
-    for name, answers in (("clean", probe.clean_answer), ("corrupt", probe.corrupt_answer)):
-        if int(answers.max()) >= vocab or int(answers.min()) < 0:
-            raise ValueError(f"probe {probe.name!r}: a {name} answer token is outside the model's vocabulary of {vocab}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rep = H // G
-    n, k = probe.clean.shape[0], probe.clean_answer.shape[1]
-    restored_sum = torch.zeros(len(layers), G, dtype=torch.float64)
-    clean_total = corrupt_total = 0.0
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        clean, corrupt = probe.clean[sl].to(device), probe.corrupt[sl].to(device)
-        good, bad = probe.clean_answer[sl].to(device), probe.corrupt_answer[sl].to(device)
-        saved: list[torch.Tensor | None] = [None] * len(layers)
-
-        def keep(i):
-            def hook(_module, args):
-                saved[i] = args[0][:, -k:].clone()  # (b, k, H * D) every head's output at the answer positions
-
-            return hook
-
-        with _hooks(layers, keep):
-            ld_clean = _diff(model(clean).logits[:, -k:], good, bad)
-        run_corrupt = _answer_runner(model, corrupt, k, cached)
-        ld_corrupt = _diff(run_corrupt(), good, bad)
-        clean_total += float(ld_clean.sum())
-        corrupt_total += float(ld_corrupt.sum())
-        for layer in range(len(layers)):
-            for group in range(G):
-                cols = slice(group * rep * D, (group + 1) * rep * D)  # the group's query heads, side by side
-
-                def swap(_module, args, layer=layer, cols=cols):
-                    x = args[0].clone()
-                    x[:, -k:, cols] = saved[layer][:, :, cols].to(x.dtype)  # the cached run holds only the k answer positions
-                    return (x, *args[1:])
-
-                handle = layers[layer].register_forward_pre_hook(swap)
-                try:
-                    ld = _diff(run_corrupt(), good, bad)
-                finally:
-                    handle.remove()
-                restored_sum[layer, group] += float((ld - ld_corrupt).sum())
-    model.train(was_training)
-    gap = (clean_total - corrupt_total) / n
-    if abs(gap) < 1e-6:
-        raise ValueError(
-            f"probe {probe.name!r}: the model scores the clean and corrupted prompts alike (logit difference gap {gap:.2e}), "
-            "so no head can be credited; use a model that solves the probe or a probe it can solve"
-        )
-    restored = restored_sum / n / gap
-    scores = [
-        HeadScore(layer, group, float(restored[layer, group]), layer_heads[layer][group] if layer_heads else "attn")
-        for layer in range(len(layers))
-        for group in range(G)
-    ]
+    with _evaluating(model):
+        patcher = _Patcher(model, probe, batch_size, cached)
+        scores = [HeadScore(layer, group, patcher.restored([(layer, group)]), patcher.kind(layer, group))
+                  for layer in range(len(patcher.layers)) for group in range(patcher.num_groups)]
     scores.sort(key=lambda s: (-s.restored, s.layer, s.group))
-    return PatchingResult(scores, clean_total / n, corrupt_total / n, len(layers), G, {"probe": probe.name, "samples": n, "answer_tokens": k})
+    return patcher.result(scores)
 
 
 @torch.no_grad()
@@ -224,82 +255,44 @@ def greedy_heads(model: nn.Module, probe: Probe, budget: int, batch_size: int = 
     restoration after it was added (cumulative, not its own); the rest follow with their last gain.
     ``progress(round, budget, restored)`` is called after each round.
     """
-    layers, H, G, D, layer_heads = _layout(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rep = H // G
-    n, k = probe.clean.shape[0], probe.clean_answer.shape[1]
-    if not 0 < budget <= len(layers) * G:
-        raise ValueError(f"budget must be between 1 and the model's {len(layers) * G} heads; got {budget}")
-    batches = []  # per batch: (saved clean outputs per layer, corrupt runner, good, bad, LD corrupt)
-    clean_total = corrupt_total = 0.0
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        good, bad = probe.clean_answer[sl].to(device), probe.corrupt_answer[sl].to(device)
-        saved: list[torch.Tensor | None] = [None] * len(layers)
+    layers, _, groups, _, _ = _layout(model)
+    total = len(layers) * groups
+    if not 0 < budget <= total:
+        raise ValueError(f"budget must be between 1 and the model's {total} heads; got {budget}")
+    with _evaluating(model):
+        patcher = _Patcher(model, probe, batch_size, cached)
+        chosen: list[tuple[int, int]] = []
+        order: list[HeadScore] = []
+        last: dict[tuple[int, int], float] = {}
+        for round_ in range(budget):
+            for head in [(l, g) for l in range(len(patcher.layers)) for g in range(patcher.num_groups)]:
+                if head not in chosen:
+                    last[head] = patcher.restored([*chosen, head])
+            best = max((h for h in last if h not in chosen), key=lambda h: last[h])  # the first best, in layer order
+            chosen.append(best)
+            order.append(HeadScore(*best, last[best], patcher.kind(*best)))
+            if progress is not None:
+                progress(round_ + 1, budget, last[best])
+    rest = sorted((HeadScore(l, g, v, patcher.kind(l, g)) for (l, g), v in last.items() if (l, g) not in chosen),
+                  key=lambda s: (-s.restored, s.layer, s.group))
+    return patcher.result(order + rest, search="greedy", chosen=len(chosen))
 
-        def keep(i, saved=saved):
-            def hook(_module, args):
-                saved[i] = args[0][:, -k:].clone()
 
-            return hook
+PROSE_NEEDS_CORPUS = "--probe passkey-prose needs --corpus: the prose its pass keys hide in"
 
-        with _hooks(layers, keep):
-            ld_clean = _diff(model(probe.clean[sl].to(device)).logits[:, -k:], good, bad)
-        run = _answer_runner(model, probe.corrupt[sl].to(device), k, cached)
-        ld_corrupt = _diff(run(), good, bad)
-        clean_total += float(ld_clean.sum())
-        corrupt_total += float(ld_corrupt.sum())
-        batches.append((saved, run, good, bad, ld_corrupt))
-    gap = (clean_total - corrupt_total) / n
-    if abs(gap) < 1e-6:
-        raise ValueError(f"probe {probe.name!r}: the model scores the clean and corrupted prompts alike, so no head can be credited")
 
-    def joint(chosen: list[tuple[int, int]]) -> float:
-        by_layer: dict[int, list[int]] = {}
-        for layer, group in chosen:
-            by_layer.setdefault(layer, []).append(group)
-        total = 0.0
-        for saved, run, good, bad, ld_corrupt in batches:
-            handles = []
-            for layer, groups in by_layer.items():
-                def swap(_module, args, layer=layer, groups=groups, saved=saved):
-                    x = args[0].clone()
-                    for g in groups:
-                        cols = slice(g * rep * D, (g + 1) * rep * D)
-                        x[:, -k:, cols] = saved[layer][:, :, cols].to(x.dtype)
-                    return (x, *args[1:])
-                handles.append(layers[layer].register_forward_pre_hook(swap))
-            try:
-                total += float((_diff(run(), good, bad) - ld_corrupt).sum())
-            finally:
-                for h in handles:
-                    h.remove()
-        return total / n / gap
+def build_probe(name: str, tokenizer, corpus: str | None, samples: int | None = None, length: int = 1024, filler: int = 6) -> Probe:
+    """The probe ``--probe NAME`` asks for: "passkey" (4 prompts unless ``samples``) or "passkey-prose"
+    (8, on ``corpus``'s training split); ValueError (or CorpusError) with the reason when it cannot be built."""
+    from hydrabrain.inference.convert import read_texts
 
-    chosen: list[tuple[int, int]] = []
-    order: list[HeadScore] = []
-    last: dict[tuple[int, int], float] = {}
-    kind = (lambda layer, group: layer_heads[layer][group]) if layer_heads else (lambda layer, group: "attn")
-    for round_ in range(budget):
-        best, best_score = None, -float("inf")
-        for layer in range(len(layers)):
-            for group in range(G):
-                if (layer, group) in chosen:
-                    continue
-                score = joint([*chosen, (layer, group)])
-                last[(layer, group)] = score
-                if score > best_score:
-                    best, best_score = (layer, group), score
-        chosen.append(best)
-        order.append(HeadScore(best[0], best[1], best_score, kind(*best)))
-        if progress is not None:
-            progress(round_ + 1, budget, best_score)
-    rest = sorted((HeadScore(l, g, v, kind(l, g)) for (l, g), v in last.items() if (l, g) not in chosen), key=lambda s: (-s.restored, s.layer, s.group))
-    model.train(was_training)
-    return PatchingResult(order + rest, clean_total / n, corrupt_total / n, len(layers), G,
-                          {"probe": probe.name, "samples": n, "answer_tokens": k, "search": "greedy", "chosen": len(chosen)})
+    if name == "passkey":
+        return passkey_probe(tokenizer, samples=samples or 4, filler_repeats=filler)
+    if name != "passkey-prose":
+        raise ValueError(f"unknown probe {name!r}: use 'passkey' or 'passkey-prose'")
+    if not corpus:
+        raise ValueError(PROSE_NEEDS_CORPUS)
+    return passkey_prose_probe(tokenizer, read_texts(corpus, "train"), length=length, samples=samples or 8)
 
 
 def rank_heads(model: nn.Module, probe: Probe, search: str, budget: int,
@@ -407,19 +400,8 @@ def passkey_probe(tokenizer, samples: int = 4, filler_repeats: int = 6, seed: in
 
 def _answer_tokens(tokenizer, prompts: list[str], keys: list[str]) -> tuple[list[int], int, int] | None:
     """(continuation tokens both answers share, first clean token, first corrupt token) or None if none differ."""
-    conts = []
-    for prompt, key in zip(prompts, keys):
-        base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full = tokenizer(prompt + " " + key, add_special_tokens=False)["input_ids"]
-        if full[: len(base)] != base or len(full) == len(base):
-            return None
-        conts.append(full[len(base) :])
-    same = 0
-    while same < min(map(len, conts)) and conts[0][same] == conts[1][same]:
-        same += 1
-    if same == min(map(len, conts)):
-        return None
-    return conts[0][:same], conts[0][same], conts[1][same]
+    span = _answer_span(tokenizer, prompts, keys, same_length=False)
+    return None if span is None else (span[0], span[1][0], span[2][0])
 
 
 def passkey_prose_probe(tokenizer, texts: list[str], length: int = 1024, samples: int = 8, seed: int = 0) -> Probe:
@@ -431,7 +413,7 @@ def passkey_prose_probe(tokenizer, texts: list[str], length: int = 1024, samples
     head scores for each digit it helps copy. ``texts`` should not be the evaluation's own text:
     give the corpus's training split.
     """
-    from hydrabrain.inference.evaluate import NEEDLE, QUESTION
+    from hydrabrain.inference.evaluate import haystack, hide_at, needle_prompt
 
     rng = random.Random(seed)
     enough, chars = [], 0
@@ -440,11 +422,7 @@ def passkey_prose_probe(tokenizer, texts: list[str], length: int = 1024, samples
         chars += len(text)
         if chars > 40 * 4 * length:
             break
-    filler = tokenizer.encode("\n\n".join(enough), add_special_tokens=False)
-    overhead = len(tokenizer.encode(NEEDLE.format(key="12345") + QUESTION, add_special_tokens=False)) + 8
-    need = length - overhead
-    if need <= 0 or len(filler) < need + 1:
-        raise ValueError(f"cannot build {length}-token pass-key prompts: the text has {len(filler)} tokens; give more text or a shorter length")
+    filler, need = haystack(tokenizer, enough, length)
     rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
     attempts = 0
     while len(rows) < samples:
@@ -453,11 +431,8 @@ def passkey_prose_probe(tokenizer, texts: list[str], length: int = 1024, samples
             raise ValueError("could not build a pass-key probe with this tokenizer: no two keys tokenized alike in length")
         first = str(rng.randint(10000, 99999))
         second = "".join(rng.choice([d for d in "0123456789" if d != c and not (i == 0 and d == "0")]) for i, c in enumerate(first))
-        start = rng.randrange(0, len(filler) - need)
-        cut = int(need * rng.uniform(0.1, 0.9))
-        before = tokenizer.decode(filler[start : start + cut]).rstrip()
-        after = tokenizer.decode(filler[start + cut : start + need]).lstrip()
-        prompts = [f"{before} {NEEDLE.format(key=key)} {after}{QUESTION}" for key in (first, second)]
+        before, after, _ = hide_at(tokenizer, filler, need, rng)
+        prompts = [needle_prompt(before, after, key) for key in (first, second)]
         ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         answer = _answer_span(tokenizer, prompts, (first, second))
         if answer is None or len(ids[0]) != len(ids[1]):
@@ -474,8 +449,10 @@ def passkey_prose_probe(tokenizer, texts: list[str], length: int = 1024, samples
     return Probe(clean, corrupt, torch.tensor([r[2] for r in rows]), torch.tensor([r[3] for r in rows]), name="passkey-prose")
 
 
-def _answer_span(tokenizer, prompts: list[str], keys: tuple[str, str]) -> tuple[list[int], list[int], list[int]] | None:
-    """(tokens both answers start with, the clean answer's remaining tokens, the corrupted one's), or None if they do not line up."""
+def _answer_span(tokenizer, prompts, keys, same_length: bool = True) -> tuple[list[int], list[int], list[int]] | None:
+    """(tokens both answers start with, the clean answer's remaining tokens, the corrupted one's), or
+    None if a key merges with its prompt, the answers never differ, or (``same_length``) they tokenize
+    to different lengths."""
     conts = []
     for prompt, key in zip(prompts, keys):
         base = tokenizer.encode(prompt, add_special_tokens=False)
@@ -483,11 +460,12 @@ def _answer_span(tokenizer, prompts: list[str], keys: tuple[str, str]) -> tuple[
         if full[: len(base)] != base or len(full) == len(base):
             return None
         conts.append(full[len(base) :])
-    if len(conts[0]) != len(conts[1]):
+    if same_length and len(conts[0]) != len(conts[1]):
         return None
+    shortest = min(map(len, conts))
     same = 0
-    while same < len(conts[0]) and conts[0][same] == conts[1][same]:
+    while same < shortest and conts[0][same] == conts[1][same]:
         same += 1
-    if same == len(conts[0]):
+    if same == shortest:
         return None
     return conts[0][:same], conts[0][same:], conts[1][same:]

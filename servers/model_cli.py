@@ -137,18 +137,6 @@ def _load(name: str, why: str):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval(), tokenizer
 
 
-def build_probe(name: str, tokenizer, corpus: str | None, samples: int | None = None, length: int = 1024, filler: int = 6):
-    """The probe `--probe NAME` asks for; ValueError (or CorpusError) with the reason when it cannot be built."""
-    from hydrabrain.inference.convert import read_texts
-    from hydrabrain.inference.patching import passkey_probe, passkey_prose_probe
-
-    if name == "passkey":
-        return passkey_probe(tokenizer, samples=samples or 4, filler_repeats=filler)
-    if not corpus:
-        raise ValueError("--probe passkey-prose needs --corpus: the prose its pass keys hide in")
-    return passkey_prose_probe(tokenizer, read_texts(corpus, "train"), length=length, samples=samples or 8)
-
-
 def rank_by_patching(model, probe, search: str, ratio: float):
     """`patch_heads` or `greedy_heads` at the ratio's budget, with the greedy rounds reported on stderr."""
     from hydrabrain.inference.convert import head_budget
@@ -165,10 +153,10 @@ def rank_by_patching(model, probe, search: str, ratio: float):
 
 def _heads(args: argparse.Namespace) -> int:
     from hydrabrain.inference.convert import CorpusError
-    from hydrabrain.inference.patching import format_table, select_heads
+    from hydrabrain.inference.patching import PROSE_NEEDS_CORPUS, build_probe, format_table, select_heads
 
-    if args.probe == "passkey-prose" and not args.corpus:
-        raise SystemExit("hydrabrain: --probe passkey-prose needs --corpus: the prose its pass keys hide in")
+    if args.probe == "passkey-prose" and not args.corpus:  # before the model loads
+        raise SystemExit(f"hydrabrain: {PROSE_NEEDS_CORPUS}")
     model, tokenizer = _load(args.model, f"the {args.probe} probe")
     try:
         probe = build_probe(args.probe, tokenizer, args.corpus, args.samples, args.length, args.filler)
@@ -206,7 +194,7 @@ def _heads(args: argparse.Namespace) -> int:
 def _fa_heads(args: argparse.Namespace, teacher, tokenizer) -> tuple[list[list[int]], str]:
     """The FA groups per layer the flags ask for, and how they were chosen."""
     from hydrabrain.inference.convert import head_budget, layerwise_heads, random_heads
-    from hydrabrain.inference.patching import select_heads
+    from hydrabrain.inference.patching import build_probe, select_heads
 
     L = teacher.config.num_hidden_layers
     G = getattr(teacher.config, "num_key_value_heads", None) or teacher.config.num_attention_heads

@@ -57,38 +57,35 @@ class TextWords(frozenset):
 
     prefixes: frozenset[str]
 
+    @classmethod
+    def of(cls, words) -> TextWords:
+        out = cls(words)
+        out.prefixes = frozenset(w[:i] for w in out if len(w) > 3 for i in range(4, len(w) + 1))
+        return out
+
 
 @functools.lru_cache(maxsize=16384)
 def text_words(text: str) -> TextWords:
     """A text's words, kept for texts seen again: the same turns and pages come back as candidates
     query after query, and splitting them and scanning for prefixes was a third of a recall's time."""
-    words = TextWords(query_terms(text))
-    words.prefixes = frozenset(w[:i] for w in words if len(w) > 3 for i in range(4, len(w) + 1))
-    return words
+    return TextWords.of(query_terms(text))
 
 
 def coverage_of(terms: Sequence[str], words: set[str]) -> float:
-    """`coverage` against a text's words already split (``set(query_terms(text))`` or `text_words`)."""
+    """`coverage` against a text's words already split (``set(query_terms(text))`` or `text_words`).
+
+    A term counts when the text has it, or a longer word that starts with it, or (terms over three
+    letters) a word of four or more letters that it starts with: plurals and stems either way."""
     if not terms:
         return 0.0
-    prefixes = words.prefixes if isinstance(words, TextWords) else None
+    if not isinstance(words, TextWords):
+        words = TextWords.of(words)
     hit = 0
-    longer: list[str] | None = None  # words a prefix match may use, listed once and only when needed
     for term in terms:
         if term in words:
             hit += 1
-            continue
-        if len(term) <= 3:
-            continue
-        if prefixes is not None:  # a longer word starts with the term, or the term with a word of 4+ letters
-            hit += term in prefixes or any(term[:i] in words for i in range(4, len(term)))
-            continue
-        if longer is None:
-            longer = [w for w in words if len(w) > 3]
-        for w in longer:
-            if w.startswith(term) or term.startswith(w):
-                hit += 1
-                break
+        elif len(term) > 3:
+            hit += term in words.prefixes or any(term[:i] in words for i in range(4, len(term)))
     return hit / len(terms)
 
 
