@@ -146,6 +146,8 @@ async def run_memory(convs: list[dict[str, Any]], home: Path, k: int) -> dict[st
 
 # Other configurations of the same service, run on the same stores: what each part contributes.
 VARIANTS: dict[str, tuple[RetrievalWeights | None, TurnScoring | None]] = {
+    "variant: no late interaction (MaxSim)": (None, TurnScoring(late=0.0)),
+    "variant: late interaction over every candidate": (None, TurnScoring(late_candidates=10_000)),
     "variant: no speaker filter": (None, TurnScoring(speaker=0.0)),
     "variant: no turn context (no lending, no inherited BM25)": (None, TurnScoring(next_turn=0.0, previous_turn=0.0, lexical_context=0.0)),
     "variant: no graph links": (RetrievalWeights(graph=0.0), TurnScoring(graph=0.0)),

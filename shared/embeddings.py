@@ -13,6 +13,7 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,18 @@ _MEMORY_CACHE_SIZE = 50_000
 _models: dict[str, Embedder] = {}
 _loaded: dict[Path, tuple[object, threading.Lock, OrderedDict]] = {}
 _models_lock = threading.RLock()
+
+
+@dataclass(frozen=True)
+class TokenVectors:
+    """One text's word pieces: their vocabulary ids (int32) and contextual vectors ((n, dim) float16, unit rows)."""
+
+    ids: np.ndarray
+    vecs: np.ndarray
+
+    def after(self, n: int) -> TokenVectors:
+        """The pieces from position n on (none when the text was cut before n)."""
+        return TokenVectors(self.ids[n:], self.vecs[n:])
 
 
 class EmbeddingError(RuntimeError):
@@ -160,6 +173,34 @@ class Embedder:
             norms = np.linalg.norm(arr, axis=1, keepdims=True)
             result.append(arr / np.maximum(norms, 1e-9))
         return result
+
+    def embed_with_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, list[TokenVectors]]:
+        """Pooled vectors (as `embed` gives, and cached like them) and, from the same forward pass, each
+        text's token ids and per-token vectors (special tokens dropped, rows L2-normalised, float16).
+
+        One pass serves both the dense channel and late interaction (MaxSim), so a caller that wants
+        both pays for one encoder run.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32), []
+        with self._lock:
+            outputs = self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                output_value=None,  # every output: ids, token vectors and the pooled vector
+                convert_to_numpy=False,
+                show_progress_bar=False,
+            )
+            pooled = np.stack([o["sentence_embedding"].detach().cpu().numpy().astype(np.float32) for o in outputs])
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-9)
+            self._store(dict(zip((content_key(t) for t in texts), pooled, strict=True)))
+        tokens: list[TokenVectors] = []
+        for o in outputs:
+            ids = o["input_ids"].detach().cpu().numpy().astype(np.int32)[1:-1]  # drop [CLS] and [SEP]
+            vecs = o["token_embeddings"].detach().cpu().numpy().astype(np.float32)[1:-1]
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
+            tokens.append(TokenVectors(ids, vecs.astype(np.float16)))
+        return pooled, tokens
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer.encode(text, add_special_tokens=False))

@@ -31,9 +31,11 @@ from hydrabrain.servers.memory.turns import (
     TurnInput,
     TurnScoring,
     TurnSignals,
+    content_pieces,
     content_terms,
     embedding_text,
     indexed_text,
+    late_interaction,
     named_speakers,
     names_in,
     rank_turns,
@@ -41,7 +43,7 @@ from hydrabrain.servers.memory.turns import (
     without_speakers,
 )
 from hydrabrain.shared.config import Settings
-from hydrabrain.shared.embeddings import Embedder, get_embedder
+from hydrabrain.shared.embeddings import Embedder, TokenVectors, get_embedder
 from hydrabrain.shared.graph import open_graph_store
 from hydrabrain.shared.lexical import open_lexical_index
 from hydrabrain.shared.retrieval import RRF_K, HybridRetriever, RetrievalHit, RetrievalWeights
@@ -334,8 +336,13 @@ class MemoryService:
         last = self.log.last_turn(session.id)
         previous: list[tuple[str, str] | None] = [(last.speaker or "", last.text) if last else None]
         previous += [(t.speaker, t.text) for t, _, _, _ in rows[:-1]]
-        vectors = self.embedder.embed([embedding_text(p, text) for p, text in zip(previous, texts, strict=True)])
+        vectors, pieces = self.embedder.embed_with_tokens([embedding_text(p, text) for p, text in zip(previous, texts, strict=True)])
         ids = [f"mem_{uuid.uuid4().hex[:16]}" for _ in rows]
+        # Late interaction keeps the turn's own pieces, read in the context of the turn before it (same pass).
+        tokens = {
+            i: content_pieces(tv.after(self.embedder.count_tokens(embedding_text(p, "")) if p else 0), self.embedder.tokenizer)
+            for i, tv, p in zip(ids, pieces, previous, strict=True)
+        }
         with self._lock:
             first = self.log.next_turn(session.id)
             episodes = [
@@ -344,7 +351,7 @@ class MemoryService:
                 for n, (i, (t, at_ts, dates, names)) in enumerate(zip(ids, rows, strict=True))
             ]
             try:
-                self.log.add_episodes(episodes)
+                self.log.add_episodes(episodes, {i: t for i, t in tokens.items() if len(t.ids)})
                 self.graph.add_episodes(session.user, [(e.id, e.entities) for e in episodes if e.entities])
                 self.retriever.index(
                     [(e.id, text, {**self._payload(session, "turn", e.at), "speaker": e.speaker, "turn": e.turn}) for e, text in zip(episodes, texts, strict=True)],
@@ -397,6 +404,8 @@ class MemoryService:
         where: dict[str, Any] = {"user": user, "kind": index_kinds}
         if session_id is not None:
             where["session_id"] = session_id
+        # One encoder pass gives the query's vector (cached, so the search below reuses it) and its pieces.
+        query_pieces = self.embedder.embed_with_tokens([query])[1][0]
         with self._lock:
             self._user_for_neighbours = user
             try:
@@ -405,11 +414,12 @@ class MemoryService:
                 self._user_for_neighbours = None
             share, conversation = 1.0, any(h.payload.get("kind") == "turn" for h in hits)
             if conversation:
-                hits, share = self._in_conversation(query, user, hits, where, limit=max(40, 5 * k))
+                hits, share = self._in_conversation(query, query_pieces, user, hits, where, limit=max(40, 5 * k))
             items, best = self._rank(query, user, hits, as_of_ts, k, allow_facts=not kinds or "fact" in kinds)
             return items, Support(best, share, conversation)
 
-    def _in_conversation(self, query: str, user: str, hits: list[RetrievalHit], where: dict[str, Any], limit: int) -> tuple[list[RetrievalHit], float]:
+    def _in_conversation(self, query: str, query_pieces: TokenVectors, user: str, hits: list[RetrievalHit], where: dict[str, Any],
+                         limit: int) -> tuple[list[RetrievalHit], float]:
         """Rank the turns among the hits (and the turns the hybrid search missed) with `rank_turns`.
 
         Turns get their own candidates (dense and BM25, for the named speaker and for anyone, plus the
@@ -451,7 +461,10 @@ class MemoryService:
         share = 1.0
         if named and best_lexical > 0:
             share = max((t.bm25 or 0.0 for t in found.values() if t.speaker in named), default=0.0) / best_lexical
-        scored = rank_turns(list(found.values()), named, w)
+        def late(ids: list[str]) -> dict[str, float]:
+            return late_interaction(query_pieces, self.log.turn_tokens(ids), *self.log.piece_frequencies(user, query_pieces.ids.tolist()))
+
+        scored = rank_turns(list(found.values()), named, w, late)
         ranked = sorted(scored, key=lambda i: scored[i]["score"], reverse=True)[:limit]
         keep = [h for h in hits if h.payload.get("kind") != "turn"]
         missing_text = [i for i in ranked if not payloads[i].get("text")]
@@ -465,6 +478,8 @@ class MemoryService:
                 signals["other_speaker"] = 1.0  # said by someone the question does not ask about: no support for an answer
             if t.cosine is not None:
                 signals["cosine"] = t.cosine
+            if t.late is not None:
+                signals["maxsim"] = round(t.late, 4)
             payload = {**payloads[memory_id]}
             keep.append(RetrievalHit(memory_id, 2.0 / (RRF_K + r + 1), str(payload.pop("text", "") or ""), payload, signals))
         keep.sort(key=lambda h: h.score, reverse=True)

@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydrabrain.servers.memory.timeutil import from_ts, to_iso
+import numpy as np
 
+from hydrabrain.servers.memory.timeutil import from_ts, to_iso
+from hydrabrain.shared.embeddings import TokenVectors
+
+PIECE_CACHE_BYTES = 128 << 20  # decoded word-piece vectors kept in memory (about 7,000 turns)
 KINDS = ("observation", "attempt", "outcome", "fact", "preference", "turn")
 
 
@@ -97,6 +102,11 @@ CREATE TABLE IF NOT EXISTS lessons (
     evidence TEXT NOT NULL, failed INTEGER NOT NULL, worked INTEGER NOT NULL,
     created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS lessons_user ON lessons(user);
+CREATE TABLE IF NOT EXISTS turn_tokens (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, ids BLOB NOT NULL, vecs BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS turn_tokens_user ON turn_tokens(user);
+CREATE TABLE IF NOT EXISTS token_df (
+    user TEXT NOT NULL, token INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (user, token)) WITHOUT ROWID;
 """
 # Columns added after the first release; a log written before gets them on open.
 _ADDED_COLUMNS = {"speaker": "TEXT", "turn": "INTEGER", "dates": "TEXT NOT NULL DEFAULT '[]'"}
@@ -129,6 +139,8 @@ class EpisodeLog:
         self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._pieces: OrderedDict[str, TokenVectors] = OrderedDict()
+        self._pieces_bytes = 0
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA secure_delete=ON")  # forget must not leave text in free pages
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -177,8 +189,17 @@ class EpisodeLog:
 
     # --- episodes ---------------------------------------------------------------------------
 
-    def add_episodes(self, episodes: Sequence[Episode]) -> None:
+    def add_episodes(self, episodes: Sequence[Episode], tokens: Mapping[str, TokenVectors] | None = None) -> None:
+        """Store episodes; `tokens` (episode id -> its word-piece vectors) feed the late-interaction channel
+        and are written in the same transaction, with the user's piece counts."""
         with self.transaction() as db:
+            if tokens:
+                users = {e.id: e.user for e in episodes}
+                db.executemany(
+                    "INSERT INTO turn_tokens (id, user, ids, vecs) VALUES (?, ?, ?, ?)",
+                    [(i, users[i], t.ids.astype("<i4").tobytes(), t.vecs.astype("<f2").tobytes()) for i, t in tokens.items()],
+                )
+                self._count_pieces(db, [(users[i], t.ids) for i, t in tokens.items()], +1)
             db.executemany(
                 "INSERT INTO episodes (id, user, team, session_id, kind, text, at, recorded_at, fact_ids, entities, speaker, turn, dates) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -262,6 +283,70 @@ class EpisodeLog:
     def delete_episodes(self, ids: Sequence[str]) -> None:
         with self.transaction() as db:
             db.executemany("DELETE FROM episodes WHERE id = ?", [(i,) for i in ids])
+            gone = []
+            for start in range(0, len(ids), 500):
+                part = list(ids[start : start + 500])
+                gone += db.execute(f"SELECT user, ids FROM turn_tokens WHERE id IN ({','.join('?' * len(part))})", part).fetchall()
+            if gone:
+                self._count_pieces(db, [(r["user"], np.frombuffer(r["ids"], dtype="<i4")) for r in gone], -1)
+                db.executemany("DELETE FROM turn_tokens WHERE id = ?", [(i,) for i in ids])
+                self._forget_pieces(ids)
+
+    # --- word-piece vectors (late interaction) -----------------------------------------------
+
+    @staticmethod
+    def _count_pieces(db: sqlite3.Connection, rows: Sequence[tuple[str, np.ndarray]], sign: int) -> None:
+        """Add (or take away) each turn's distinct pieces to its user's document frequencies."""
+        counts: Counter[tuple[str, int]] = Counter()
+        for user, ids in rows:
+            counts.update((user, int(t)) for t in set(ids.tolist()))
+        db.executemany(
+            "INSERT INTO token_df (user, token, n) VALUES (?, ?, ?) ON CONFLICT(user, token) DO UPDATE SET n = n + excluded.n",
+            [(user, token, sign * n) for (user, token), n in counts.items()],
+        )
+        if sign < 0:
+            db.execute("DELETE FROM token_df WHERE n <= 0")
+
+    def turn_tokens(self, ids: Sequence[str]) -> dict[str, TokenVectors]:
+        """The stored word-piece vectors of these turns (turns stored without them are absent).
+
+        A recall reads a few hundred turns' pieces; the most recently read stay decoded in memory
+        (up to `PIECE_CACHE_BYTES`), so repeated recalls over one conversation skip SQLite.
+        """
+        with self._lock:
+            found = {i: self._pieces[i] for i in ids if i in self._pieces}
+            for i in found:
+                self._pieces.move_to_end(i)
+            missing = [i for i in ids if i not in found]
+            for start in range(0, len(missing), 500):
+                part = missing[start : start + 500]
+                for r in self._db.execute(f"SELECT id, ids, vecs FROM turn_tokens WHERE id IN ({','.join('?' * len(part))})", part):
+                    pieces = np.frombuffer(r["ids"], dtype="<i4")
+                    found[r["id"]] = self._pieces[r["id"]] = TokenVectors(pieces, np.frombuffer(r["vecs"], dtype="<f2").reshape(len(pieces), -1))
+                    self._pieces_bytes += len(r["ids"]) + len(r["vecs"])
+            while self._pieces_bytes > PIECE_CACHE_BYTES and self._pieces:
+                _, old = self._pieces.popitem(last=False)
+                self._pieces_bytes -= old.ids.nbytes + old.vecs.nbytes
+        return found
+
+    def _forget_pieces(self, ids: Sequence[str]) -> None:
+        for i in ids:
+            old = self._pieces.pop(i, None)
+            if old is not None:
+                self._pieces_bytes -= old.ids.nbytes + old.vecs.nbytes
+
+    def piece_frequencies(self, user: str, pieces: Sequence[int]) -> tuple[dict[int, int], int]:
+        """How many of this user's turns hold each piece, and how many turns have pieces at all: statistics
+        scoped to one user, so nobody's recall depends on anyone else's data."""
+        wanted = sorted({int(p) for p in pieces})
+        with self._lock:
+            total = int(self._db.execute("SELECT COUNT(*) FROM turn_tokens WHERE user = ?", (user,)).fetchone()[0])
+            if not wanted:
+                return {}, total
+            rows = self._db.execute(
+                f"SELECT token, n FROM token_df WHERE user = ? AND token IN ({','.join('?' * len(wanted))})", [user, *wanted]
+            ).fetchall()
+        return {int(r["token"]): int(r["n"]) for r in rows}, total
 
     def count(self, user: str | None = None) -> int:
         with self._lock:
@@ -297,6 +382,9 @@ class EpisodeLog:
     def delete_user(self, user: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM episodes WHERE user = ?", (user,))
+            self._forget_pieces([r["id"] for r in db.execute("SELECT id FROM turn_tokens WHERE user = ?", (user,))])
+            db.execute("DELETE FROM turn_tokens WHERE user = ?", (user,))
+            db.execute("DELETE FROM token_df WHERE user = ?", (user,))
             db.execute("DELETE FROM lessons WHERE user = ?", (user,))
             db.execute("DELETE FROM sessions WHERE user = ?", (user,))
 

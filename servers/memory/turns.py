@@ -18,17 +18,29 @@ a turn whose predecessor matches the words of the question inherits part of that
 lends part of its score to its neighbours, and the turns of the speaker the question names come
 first (97 % of the evidence turns in the development set were said by the person the question
 names).
+
+A third channel reads word pieces rather than one pooled vector: late interaction (MaxSim, in the
+manner of ColBERT) compares each piece of the question with every piece of a turn, read in context
+by the same MiniLM pass that gives the turn's vector, and weighs the question's pieces by their
+idf over the user's turns. A pooled vector blurs which words matched; MaxSim keeps them apart, so
+a paraphrase ("her pet" for "my dog") still lines up. Alone it finds more evidence than either
+other channel on the development conversations (0.68 recall@5 against 0.54 for BM25), and beside
+them it adds about three points.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+import string
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 
+from hydrabrain.shared.embeddings import TokenVectors
 from hydrabrain.shared.lexical import STOPWORDS, index_terms
 
 MAX_TURNS_PER_CALL = 2_000
@@ -201,6 +213,8 @@ class TurnScoring:
     previous_turn: float = 0.5  # and to the turn before it (often the question it answers)
     graph: float = 0.3  # share lent to turns that name the same people or places as the best turns
     speaker: float = 5.0  # the question names who said it: about a hard filter, yet a strong neighbour can still come in
+    late: float = 2.0  # late interaction (idf-weighted MaxSim over word pieces): finds paraphrases one pooled vector blurs
+    late_candidates: int = 80  # MaxSim scores only the best turns so far (as good on the development set, ~4x cheaper)
     bm25_b: float = 0.3  # length normalisation: long turns are not diluted chit-chat
     candidates: int = 100  # per channel
 
@@ -215,7 +229,42 @@ class TurnSignals:
     speaker: str
     cosine: float | None = None
     bm25: float | None = None
+    late: float | None = None
     graph: bool = False
+
+
+_FILLER_PIECES: dict[int, np.ndarray] = {}
+
+
+def content_pieces(pieces: TokenVectors, tokenizer: Any) -> TokenVectors:
+    """A turn's pieces without stopwords and punctuation: half the pieces to store and score, and on the
+    development conversations the same recall (a question's content pieces seldom find their best
+    match in a "the" or a comma). A turn made only of such pieces keeps them all."""
+    drop = _FILLER_PIECES.get(id(tokenizer))
+    if drop is None:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        drop = _FILLER_PIECES[id(tokenizer)] = np.array([v in STOPWORDS or all(c in string.punctuation for c in v) for v in vocab])
+    keep = ~drop[pieces.ids]
+    return TokenVectors(pieces.ids[keep], pieces.vecs[keep]) if keep.any() else pieces
+
+
+def late_interaction(query: TokenVectors, turns: Mapping[str, TokenVectors], frequencies: Mapping[int, int], total: int) -> dict[str, float]:
+    """Each turn's MaxSim: for every query piece, its best cosine with any of the turn's pieces, averaged
+    with idf weights (log((N + 1) / (df + 0.5)) over the user's turns), so "what", "did" and "?" count
+    for little and the words that carry the question count most. Turns without stored pieces are absent.
+    """
+    have = [(i, t) for i, t in turns.items() if len(t.ids)]
+    if not have or not len(query.ids):
+        return {}
+    weights = np.array([math.log((total + 1) / (frequencies.get(int(p), 0) + 0.5)) for p in query.ids])
+    weights /= max(float(weights.sum()), 1e-9)
+    import torch  # loaded already by the embedder; numpy converts float16 without SIMD, ten times slower here
+
+    pieces = torch.from_numpy(np.concatenate([t.vecs for _, t in have])).float()
+    sims = (torch.from_numpy(query.vecs).float() @ pieces.T).numpy()
+    starts = np.cumsum([0] + [len(t.ids) for _, t in have[:-1]])
+    best = np.maximum.reduceat(sims, starts, axis=1)  # (query pieces, turns)
+    return {i: float(v) for (i, _), v in zip(have, weights @ best, strict=True)}
 
 
 def _standardise(values: np.ndarray) -> np.ndarray:
@@ -223,12 +272,15 @@ def _standardise(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / spread if spread > 1e-9 else np.zeros_like(values)
 
 
-def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring) -> dict[str, dict[str, float]]:
+def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring,
+               late: Callable[[list[str]], Mapping[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """Scores for candidate turns (higher is better), with the part each signal contributed; `named`
     holds speakers as stored (`named_speakers`).
 
     A turn the dense search did not return gets the lowest cosine it did return (it is at most that
-    close); one the lexical search did not return has no matching word (BM25 0).
+    close); one the lexical search did not return has no matching word (BM25 0). `late` gives the
+    late-interaction score of the turns it is asked about: only the best `w.late_candidates` so far
+    are asked (MaxSim costs a matrix product per turn's pieces), the rest score as the worst of those.
     """
     if not turns:
         return {}
@@ -248,8 +300,19 @@ def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring) ->
     if w.graph:
         best = float(ahead.max()) if len(ahead) else 0.0
         lent = np.maximum(lent, np.array([w.graph * best if t.graph else 0.0 for t in turns]))
-    out: dict[str, dict[str, float]] = {}
-    for n, t in enumerate(turns):
-        said = w.speaker if t.speaker in named else 0.0
-        out[t.id] = {"score": float(fused[n] + lent[n] + said), "fused": float(fused[n]), "context": float(lent[n]), "speaker": said}
-    return out
+    said = np.array([w.speaker if t.speaker in named else 0.0 for t in turns])
+    score = fused + lent + said
+    interaction = np.zeros_like(score)
+    if late is not None and w.late:
+        top = np.argsort(-score, kind="stable")[: w.late_candidates]
+        found = late([turns[n].id for n in top])
+        for n in top:
+            turns[n].late = found.get(turns[n].id)
+        values = [t.late for t in turns if t.late is not None]
+        if values:  # a turn not asked about, or stored without pieces, scores as the worst that was
+            interaction = w.late * _standardise(np.array([t.late if t.late is not None else min(values) for t in turns]))
+    return {
+        t.id: {"score": float(score[n] + interaction[n]), "fused": float(fused[n]), "context": float(lent[n]), "speaker": float(said[n]),
+               "late": float(interaction[n])}
+        for n, t in enumerate(turns)
+    }

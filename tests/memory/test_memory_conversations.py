@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from mcp import Client
 
@@ -202,5 +203,58 @@ def test_the_import_turns_command_imports_a_file_and_says_what_is_wrong_with_a_b
     try:
         assert service.log.count("bob") == len(SESSION_1)
         assert service.recall("What did Ana make in her pottery class?", "bob", k=1)[0].text.startswith("I took my first pottery class")
+    finally:
+        service.close()
+
+
+def test_late_interaction_weighs_the_rare_pieces_of_a_question_most() -> None:
+    from hydrabrain.servers.memory.turns import late_interaction
+    from hydrabrain.shared.embeddings import TokenVectors
+
+    axis = np.eye(4, dtype=np.float16)
+    question = TokenVectors(np.array([7, 9], dtype=np.int32), axis[[0, 1]])  # piece 7 is rare, piece 9 common
+    turns = {
+        "rare-match": TokenVectors(np.array([7], dtype=np.int32), axis[[0]]),
+        "common-match": TokenVectors(np.array([9], dtype=np.int32), axis[[1]]),
+        "no-match": TokenVectors(np.array([3], dtype=np.int32), axis[[3]]),
+        "no-pieces": TokenVectors(np.zeros(0, dtype=np.int32), np.zeros((0, 4), dtype=np.float16)),
+    }
+    scores = late_interaction(question, turns, {7: 1, 9: 40}, total=40)
+    assert scores["rare-match"] > scores["common-match"] > scores["no-match"] == 0.0
+    assert "no-pieces" not in scores
+
+
+def test_each_turn_keeps_its_own_content_pieces_and_forgetting_it_takes_them_and_their_counts(settings: Settings) -> None:
+    service = MemoryService(settings)
+    try:
+        sid = service.start_session("ana-and-ben").id
+        ids = service.remember_turns(sid, SESSION_1).memory_ids
+        pieces = service.log.turn_tokens(ids)
+        tokenizer = service.embedder.tokenizer
+        reply = set(tokenizer.convert_ids_to_tokens(pieces[ids[3]].ids.tolist()))
+        assert {"bea", "##gle", "puppy", "adopted"} <= reply  # its own words, read after the turn before it
+        assert not reply & {"pottery", "the", ",", "."}  # not the previous turn's words, no stopwords or punctuation
+        assert pieces[ids[3]].vecs.shape == (len(pieces[ids[3]].ids), service.embedder.dim)
+
+        puppy = tokenizer.convert_tokens_to_ids("puppy")
+        assert service.log.piece_frequencies("ana-and-ben", [puppy]) == ({puppy: 1}, len(SESSION_1))
+        assert service.log.piece_frequencies("someone-else", [puppy]) == ({}, 0)
+
+        service.forget("ana-and-ben", memory_id=ids[3])
+        assert service.log.turn_tokens([ids[3]]) == {}
+        assert service.log.piece_frequencies("ana-and-ben", [puppy]) == ({}, len(SESSION_1) - 1)
+        service.forget("ana-and-ben", everything=True)
+        assert service.log.turn_tokens(ids) == {} and service.log.piece_frequencies("ana-and-ben", [puppy]) == ({}, 0)
+    finally:
+        service.close()
+
+
+def test_a_recalled_turn_shows_its_late_interaction_score(settings: Settings) -> None:
+    service = MemoryService(settings)
+    try:
+        sid = service.start_session("ana-and-ben").id
+        ids = service.remember_turns(sid, SESSION_1).memory_ids
+        top = service.recall("What kind of dog did Ben adopt?", "ana-and-ben", k=3)[0]
+        assert top.id == ids[3] and 0.0 < top.signals["maxsim"] <= 1.0
     finally:
         service.close()

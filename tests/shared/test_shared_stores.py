@@ -193,3 +193,15 @@ def test_a_burst_of_searches_starts_no_thread_per_call(settings: Settings) -> No
         assert store.search(unit(1, 0, 0), k=1)[0].id == "a"
     assert threading.active_count() <= before
     store.close()
+
+
+def test_one_encoder_pass_gives_the_pooled_vector_and_each_pieces_vector(settings: Settings) -> None:
+    from hydrabrain.shared.embeddings import get_embedder
+
+    embedder = get_embedder(settings)
+    text = "Ben adopted a beagle puppy named Pickle."
+    vectors, pieces = embedder.embed_with_tokens([text])
+    np.testing.assert_allclose(vectors[0], embedder.embed([text])[0], atol=1e-5)
+    assert pieces[0].ids.tolist() == embedder.tokenizer.encode(text, add_special_tokens=False)
+    np.testing.assert_allclose(np.linalg.norm(pieces[0].vecs.astype(np.float32), axis=1), 1.0, atol=1e-2)
+    assert pieces[0].after(3).ids.tolist() == pieces[0].ids[3:].tolist()
