@@ -196,8 +196,9 @@ class Embedder:
             self._store(dict(zip((content_key(t) for t in texts), pooled, strict=True)))
         tokens: list[TokenVectors] = []
         for o in outputs:
-            ids = o["input_ids"].detach().cpu().numpy().astype(np.int32)[1:-1]  # drop [CLS] and [SEP]
-            vecs = o["token_embeddings"].detach().cpu().numpy().astype(np.float32)[1:-1]
+            n = int(o["attention_mask"].sum())  # outputs are padded to the longest text of their batch
+            ids = o["input_ids"][: n - 1].detach().cpu().numpy().astype(np.int32)[1:]  # drop [CLS], [SEP] and padding
+            vecs = o["token_embeddings"][: n - 1].detach().cpu().numpy().astype(np.float32)[1:]
             vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
             tokens.append(TokenVectors(ids, vecs.astype(np.float16)))
         return pooled, tokens

@@ -199,9 +199,11 @@ def test_one_encoder_pass_gives_the_pooled_vector_and_each_pieces_vector(setting
     from hydrabrain.shared.embeddings import get_embedder
 
     embedder = get_embedder(settings)
-    text = "Ben adopted a beagle puppy named Pickle."
-    vectors, pieces = embedder.embed_with_tokens([text])
-    np.testing.assert_allclose(vectors[0], embedder.embed([text])[0], atol=1e-5)
-    assert pieces[0].ids.tolist() == embedder.tokenizer.encode(text, add_special_tokens=False)
-    np.testing.assert_allclose(np.linalg.norm(pieces[0].vecs.astype(np.float32), axis=1), 1.0, atol=1e-2)
+    texts = ["Ben adopted a beagle puppy named Pickle, who chewed through three pairs of hiking boots.", "Hi Ana!"]
+    vectors, pieces = embedder.embed_with_tokens(texts)  # one batch: the short text is padded inside the encoder
+    np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-5)
+    for text, p in zip(texts, pieces, strict=True):
+        assert p.ids.tolist() == embedder.tokenizer.encode(text, add_special_tokens=False)  # no [CLS], [SEP] or padding
+        assert p.vecs.shape == (len(p.ids), embedder.dim)
+        np.testing.assert_allclose(np.linalg.norm(p.vecs.astype(np.float32), axis=1), 1.0, atol=1e-2)
     assert pieces[0].after(3).ids.tolist() == pieces[0].ids[3:].tolist()
