@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             selections.append(("patching", None, [sorted(g) for g in saved["fa_heads"]]))
         elif variant == "patching":
             probe = build_probe(args.probe, tokenizer, args.corpus, length=args.probe_length)
-            result = rank_heads(teacher, probe, args.search, budget, progress=lambda d, t, r: log(f"greedy search: {d}/{t} heads, joint restoration {r:.3f}"))
+            result = rank_heads(teacher, probe, args.search, budget, progress=lambda d, t, r, h: log(f"greedy search: {d}/{t} heads (layer {h[0]} group {h[1]}), joint restoration {r:.3f}"))
             selections.append(("patching", None, select_heads(result, ratio=args.ratio)))
         elif variant == "random":
             selections.append(("random", args.random_seeds[0], random_heads(L, G, budget, args.random_seeds[0])))

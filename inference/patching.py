@@ -245,7 +245,7 @@ def patch_heads(model: nn.Module, probe: Probe, batch_size: int = 8, cached: boo
 
 @torch.no_grad()
 def greedy_heads(model: nn.Module, probe: Probe, budget: int, batch_size: int = 8, cached: bool = True,
-                 progress: Callable[[int, int, float], None] | None = None) -> PatchingResult:
+                 progress: Callable[[int, int, float, tuple[int, int]], None] | None = None) -> PatchingResult:
     """Grow the set of heads that, patched clean together, restores the most of the answer.
 
     Patching one head at a time misses heads that only matter together (a copying head needs the
@@ -253,7 +253,7 @@ def greedy_heads(model: nn.Module, probe: Probe, budget: int, batch_size: int = 
     of heads exact. So: start empty, and ``budget`` times add the head whose joint patch with those
     already chosen restores the most. ``scores`` come back in the order chosen, each with the joint
     restoration after it was added (cumulative, not its own); the rest follow with their last gain.
-    ``progress(round, budget, restored)`` is called after each round.
+    ``progress(round, budget, restored, (layer, group))`` is called after each round with the head it chose.
     """
     layers, _, groups, _, _ = _layout(model)
     total = len(layers) * groups
@@ -272,7 +272,7 @@ def greedy_heads(model: nn.Module, probe: Probe, budget: int, batch_size: int = 
             chosen.append(best)
             order.append(HeadScore(*best, last[best], patcher.kind(*best)))
             if progress is not None:
-                progress(round_ + 1, budget, last[best])
+                progress(round_ + 1, budget, last[best], best)
     rest = sorted((HeadScore(l, g, v, patcher.kind(l, g)) for (l, g), v in last.items() if (l, g) not in chosen),
                   key=lambda s: (-s.restored, s.layer, s.group))
     return patcher.result(order + rest, search="greedy", chosen=len(chosen))
@@ -296,7 +296,7 @@ def build_probe(name: str, tokenizer, corpus: str | None, samples: int | None = 
 
 
 def rank_heads(model: nn.Module, probe: Probe, search: str, budget: int,
-               progress: Callable[[int, int, float], None] | None = None) -> PatchingResult:
+               progress: Callable[[int, int, float, tuple[int, int]], None] | None = None) -> PatchingResult:
     """``search`` "single" (`patch_heads`: each head alone) or "greedy" (`greedy_heads`: a joint set of ``budget``)."""
     if search == "single":
         return patch_heads(model, probe)

@@ -145,8 +145,12 @@ def rank_by_patching(model, probe, search: str, ratio: float):
     L = model.config.num_hidden_layers
     G = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
 
-    def show(done: int, total: int, restored: float) -> None:
-        print(f"greedy search: {done}/{total} heads chosen, joint restoration {restored:.3f}", file=sys.stderr, flush=True)
+    def show(done: int, total: int, restored: float, head: tuple[int, int]) -> None:
+        print(f"greedy search: {done}/{total} heads chosen (layer {head[0]} group {head[1]}), joint restoration {restored:.3f}",
+              file=sys.stderr, flush=True)
+
+    if search == "greedy":  # the first round also runs the probe's prompts whole: minutes on a CPU before the first line
+        print(f"greedy search: {head_budget(L, G, ratio)} rounds of {L * G} patched runs each", file=sys.stderr, flush=True)
 
     return rank_heads(model, probe, search, head_budget(L, G, ratio), progress=show)
 
