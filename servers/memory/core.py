@@ -11,6 +11,7 @@ another's results. Every public method checks its input completely before it wri
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import uuid
@@ -158,6 +159,9 @@ class MemoryService:
         self.graph = FactGraph(open_graph_store(settings, "memory"))
         self.weights = RankingWeights()
         self.conversation = TurnScoring()
+        # A query's word pieces, kept for queries asked again: the pooled vector has the embedder's cache,
+        # and without this one a repeated recall would run the encoder again just for the pieces.
+        self._query_pieces = functools.lru_cache(maxsize=1024)(lambda query: self.embedder.embed_with_tokens([query])[1][0])
         self._user_for_neighbours: str | None = None
         self.retriever = HybridRetriever(self.embedder, self.vectors, self.lexical, neighbours=self._neighbours, weights=RetrievalWeights(graph=0.3))
         self._lock = threading.RLock()
@@ -404,8 +408,8 @@ class MemoryService:
         where: dict[str, Any] = {"user": user, "kind": index_kinds}
         if session_id is not None:
             where["session_id"] = session_id
-        # One encoder pass gives the query's vector (cached, so the search below reuses it) and its pieces.
-        query_pieces = self.embedder.embed_with_tokens([query])[1][0]
+        # One encoder pass gives the query's pieces and its vector (cached, so the search below reuses it).
+        query_pieces = self._query_pieces(query)
         with self._lock:
             self._user_for_neighbours = user
             try:
