@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.125, help="fraction of KV groups kept FA (default 0.125: 11 of 90)")
     parser.add_argument("--stage1-tokens", type=int, default=131072)
     parser.add_argument("--stage2-tokens", type=int, default=24576)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per stage-1 row and per perplexity window")
+    parser.add_argument("--stage1-seq-len", type=int, default=None,
+                        help="tokens per stage-1 row of the bank, if not --seq-len (a step reads the same tokens: fewer rows)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--distill-seq-len", type=int, default=None, help="tokens per stage-2 row (default --seq-len)")
     parser.add_argument("--distill-batch", type=int, default=None, help="rows per stage-2 step (default: the tokens of a stage-1 step)")
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command, "device": _device(args.device), "ratio": args.ratio, "fa_groups_budget": budget,
                    "probe": args.probe, "search": args.search, "distill_train": args.distill_train, "heads_file": args.heads_file, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
-                   "stage1_tokens": args.stage1_tokens, "stage2_tokens": args.stage2_tokens, "rows": rows}
+                   "stage1_tokens": args.stage1_tokens, "stage1_seq_len": args.stage1_seq_len or args.seq_len, "stage2_tokens": args.stage2_tokens, "rows": rows}
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(out)
@@ -134,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"teacher {args.teacher}: {L} layers x {G} KV groups; {budget} kept FA")
     bank = work / "stage1-bank"
     if not (bank / "conversion.json").exists():
-        log(f"stage 1 bank: every head to GDN, {args.stage1_tokens} tokens")
-        cfg = base_cfg([[] for _ in range(L)], "all-gdn-stage1", stage2_tokens=0)
+        rows_of = args.stage1_seq_len or args.seq_len
+        log(f"stage 1 bank: every head to GDN, {args.stage1_tokens} tokens in rows of {rows_of}")
+        cfg = base_cfg([[] for _ in range(L)], "all-gdn-stage1", stage2_tokens=0, seq_len=rows_of,
+                       batch=max(1, args.batch * args.seq_len // rows_of))
         convert(teacher, tokenizer, args.corpus, bank, cfg, resume=True, progress=_progress(), teacher_name=args.teacher)
 
     selections: list[tuple[str, int | None, list[list[int]]]] = []

@@ -227,50 +227,75 @@ def table(convs: list[dict[str, Any]], systems: dict[str, dict]) -> dict[str, An
 
 
 def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights) -> dict[str, Any]:
-    """Pick both thresholds on even-numbered questions, report them (and the shipped ones) on odd-numbered ones.
+    """Pick the thresholds on even-numbered questions, report them (and the shipped ones) on odd-numbered ones.
 
     The choice maximises balanced accuracy (category 5 left empty, answerable questions answered) among
     thresholds that leave at most 5 % of the answerable development questions empty: abstaining on a
-    question that memory can answer costs an agent more than answering one it cannot.
+    question that memory can answer costs an agent more than answering one it cannot. Three signals:
+    the turn support, the named speaker's share of the best BM25 match and of the best MaxSim; each
+    share is also chosen alone (the other off), to show what it buys.
     """
-    def rates(w: RankingWeights, parity: int) -> dict[str, float]:
-        adversarial = answerable = abstained_right = answered_wrongly_empty = 0
-        for conv in convs:
-            for n, qa in enumerate(conv["qa"]):
-                if n % 2 != parity:
-                    continue
-                empty = not scan[(conv["conversation_id"], n)][1].answers(w)
-                if qa["category"] == 5:
-                    adversarial += 1
-                    abstained_right += int(empty)
-                elif qa["category"] in CATEGORIES:
-                    answerable += 1
-                    answered_wrongly_empty += int(empty)
-        return {
-            "category5_abstained": round(abstained_right / max(adversarial, 1), 4),
-            "answerable_left_empty": round(answered_wrongly_empty / max(answerable, 1), 4),
-            "balanced_accuracy": round(0.5 * (abstained_right / max(adversarial, 1) + 1 - answered_wrongly_empty / max(answerable, 1)), 4),
-            "category5_questions": adversarial, "answerable_questions": answerable,
-        }
+    keys, cats = [], []
+    for conv in convs:
+        for n, qa in enumerate(conv["qa"]):
+            if qa["category"] == 5 or qa["category"] in CATEGORIES:
+                keys.append((conv["conversation_id"], n))
+                cats.append(qa["category"])
+    parity = np.array([n % 2 for _, n in keys])
+    adversarial = np.array(cats) == 5
+    supports = [scan[key][1] for key in keys]
 
-    grid = [RankingWeights(turn_answer_threshold=round(float(a), 2), speaker_share=round(float(b), 2))
-            for a in np.arange(0.0, 1.0, 0.02) for b in np.arange(0.0, 1.01, 0.05)]
-    allowed = [w for w in grid if rates(w, 0)["answerable_left_empty"] <= 0.05] or grid
-    best = max(allowed, key=lambda w: (rates(w, 0)["balanced_accuracy"], -w.turn_answer_threshold, -w.speaker_share))
+    def rates(w: RankingWeights, side: int) -> dict[str, float]:
+        empty = np.array([not s.answers(w) for s in supports])
+        adv, ans = adversarial & (parity == side), ~adversarial & (parity == side)
+        right, wrong = float(empty[adv].mean()) if adv.any() else 0.0, float(empty[ans].mean()) if ans.any() else 0.0
+        return {"category5_abstained": round(right, 4), "answerable_left_empty": round(wrong, 4),
+                "balanced_accuracy": round(0.5 * (right + 1 - wrong), 4),
+                "category5_questions": int(adv.sum()), "answerable_questions": int(ans.sum())}
 
-    def pair(w: RankingWeights) -> dict[str, float]:
-        return {"turn_answer_threshold": w.turn_answer_threshold, "speaker_share": w.speaker_share}
+    # vectorised over the grid: each signal once per question, each threshold a comparison
+    best_support = np.array([s.best for s in supports])
+    bm25_share = np.array([s.speaker_share for s in supports])
+    maxsim_share = np.array([s.late_share for s in supports])
+    dev_adv, dev_ans = adversarial & (parity == 0), ~adversarial & (parity == 0)
+
+    def choose(supports_at, bm25_at, maxsim_at) -> RankingWeights:
+        chosen, score = None, None
+        for a in supports_at:
+            for b in bm25_at:
+                for c in maxsim_at:
+                    empty = (best_support < a) | (bm25_share < b) | (maxsim_share < c)
+                    wrong = empty[dev_ans].mean()
+                    if wrong > 0.05:
+                        continue
+                    key = (0.5 * (empty[dev_adv].mean() + 1 - wrong), -a, -b, -c)
+                    if score is None or key > score:
+                        chosen, score = (a, b, c), key
+        a, b, c = chosen or (0.0, 0.0, 0.0)
+        return RankingWeights(turn_answer_threshold=round(float(a), 3), speaker_share=round(float(b), 3), late_share=round(float(c), 3))
+
+    supports_grid = np.arange(0.0, 1.0, 0.05)
+    bm25_grid = np.arange(0.0, 1.01, 0.05)
+    maxsim_grid = np.concatenate([[0.0], np.arange(0.70, 1.0005, 0.005)])  # MaxSim shares sit near 1
+    best = choose(supports_grid, bm25_grid, maxsim_grid)
+    bm25_only = choose(supports_grid, bm25_grid, [0.0])
+    maxsim_only = choose(supports_grid, [0.0], maxsim_grid)
+
+    def triple(w: RankingWeights) -> dict[str, float]:
+        return {"turn_answer_threshold": w.turn_answer_threshold, "speaker_share": w.speaker_share, "late_share": w.late_share}
 
     return {
         "chosen_on": "even-numbered questions of each conversation (at most 5 % of answerable ones left empty)",
         "reported_on": "odd-numbered questions of each conversation",
-        "chosen": pair(best),
+        "chosen": triple(best),
         "chosen_dev": rates(best, 0),
         "chosen_test": rates(best, 1),
-        "shipped": pair(shipped),
+        "bm25_share_only": {"chosen": triple(bm25_only), "test": rates(bm25_only, 1)},
+        "maxsim_share_only": {"chosen": triple(maxsim_only), "test": rates(maxsim_only, 1)},
+        "shipped": triple(shipped),
         "shipped_test": rates(shipped, 1),
         "shipped_all": {"even": rates(shipped, 0), "odd": rates(shipped, 1)},
-        "without_speaker_share_test": rates(RankingWeights(speaker_share=0.0), 1),
+        "without_speaker_shares_test": rates(RankingWeights(speaker_share=0.0, late_share=0.0), 1),
     }
 
 
@@ -314,6 +339,8 @@ def main() -> None:
         print(f"{name:<48}" + "".join(f"{per[c]['recall@5']:>7.3f}/{per[c]['recall@10']:.3f}" for c in cats))
     a = result["abstention"]
     print(f"abstention: {a['chosen']} chosen on dev -> test {a['chosen_test']}; shipped {a['shipped']} -> test {a['shipped_test']}")
+    for signal in ("bm25_share_only", "maxsim_share_only"):
+        print(f"  {signal}: {a[signal]['chosen']} -> test {a[signal]['test']}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from hydrabrain.servers.memory.turns import (
     embedding_text,
     indexed_text,
     late_interaction,
+    late_share,
     named_speakers,
     names_in,
     rank_turns,
@@ -416,21 +417,22 @@ class MemoryService:
                 hits = self.retriever.search(query, k=max(40, 5 * k), where=where, fetch_k=max(60, 8 * k))
             finally:
                 self._user_for_neighbours = None
-            share, conversation = 1.0, any(h.payload.get("kind") == "turn" for h in hits)
+            shares, conversation = (1.0, 1.0), any(h.payload.get("kind") == "turn" for h in hits)
             if conversation:
-                hits, share = self._in_conversation(query, query_pieces, user, hits, where, limit=max(40, 5 * k))
+                hits, shares = self._in_conversation(query, query_pieces, user, hits, where, limit=max(40, 5 * k))
             items, best = self._rank(query, user, hits, as_of_ts, k, allow_facts=not kinds or "fact" in kinds)
-            return items, Support(best, share, conversation)
+            return items, Support(best, shares[0], conversation, shares[1])
 
     def _in_conversation(self, query: str, query_pieces: TokenVectors, user: str, hits: list[RetrievalHit], where: dict[str, Any],
-                         limit: int) -> tuple[list[RetrievalHit], float]:
+                         limit: int) -> tuple[list[RetrievalHit], tuple[float, float]]:
         """Rank the turns among the hits (and the turns the hybrid search missed) with `rank_turns`.
 
         Turns get their own candidates (dense and BM25, for the named speaker and for anyone, plus the
         turns around each), ranked in z-score units; that order is then laid onto the fused scale, turn
         r scoring as an item ranked r by both channels would, so notes, facts and lessons keep their place.
         Returns the best `limit` hits (as many as the hybrid search returns; the rest cannot reach the
-        top k) and the named speaker's share of the best lexical match (see `RankingWeights.speaker_share`).
+        top k) and the named speaker's share of the best lexical match and of the best MaxSim (see
+        `RankingWeights.speaker_share` and `late_share`).
         """
         w = self.conversation
         speakers = self.log.speakers(user)
@@ -487,7 +489,7 @@ class MemoryService:
             payload = {**payloads[memory_id]}
             keep.append(RetrievalHit(memory_id, 2.0 / (RRF_K + r + 1), str(payload.pop("text", "") or ""), payload, signals))
         keep.sort(key=lambda h: h.score, reverse=True)
-        return keep[:limit], share
+        return keep[:limit], (share, late_share(list(found.values()), named))
 
     def _payload_of(self, e: Episode) -> dict[str, Any]:
         payload: dict[str, Any] = {"user": e.user, "kind": e.kind, "session_id": e.session_id, "at": e.at}

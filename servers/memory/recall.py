@@ -35,21 +35,24 @@ class RankingWeights:
     # Conversation turns are embedded with the turn before them, so their cosines run lower than a
     # note's; chosen with speaker_share on the development conversations (benchmarks/memory_conversations.md).
     turn_answer_threshold: float = 0.2
+    # The same comparison on MaxSim (`turns.late_share`): the named speaker's best over anyone's.
+    late_share: float = 0.0
 
 
 @dataclass(frozen=True)
 class Support:
     """How strongly memory suggests it holds an answer: `best` (cosine + weighted coverage of the best
-    candidate) and, for a question naming a speaker, `speaker_share` (1.0 when it does not apply).
-    Under the thresholds, recall answers with nothing."""
+    candidate) and, for a question naming a speaker, `speaker_share` and `late_share` (1.0 when they
+    do not apply). Under the thresholds, recall answers with nothing."""
 
     best: float
     speaker_share: float = 1.0
     conversation: bool = False  # the candidates were conversation turns
+    late_share: float = 1.0
 
     def answers(self, w: RankingWeights) -> bool:
         threshold = w.turn_answer_threshold if self.conversation else w.answer_threshold
-        return self.best >= threshold and self.speaker_share >= w.speaker_share
+        return self.best >= threshold and self.speaker_share >= w.speaker_share and self.late_share >= w.late_share
 
 
 _CALENDAR = frozenset(

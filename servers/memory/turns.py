@@ -215,6 +215,9 @@ class TurnScoring:
     speaker: float = 5.0  # the question names who said it: about a hard filter, yet a strong neighbour can still come in
     late: float = 2.0  # late interaction (idf-weighted MaxSim over word pieces): finds paraphrases one pooled vector blurs
     late_candidates: int = 80  # MaxSim scores only the best turns so far (as good on the development set, ~4x cheaper)
+    # When the question names a speaker, the speaker bonus fills those 80 with that speaker's turns; the
+    # best turns of everyone else get MaxSim too, so abstention can compare the two (`late_share`).
+    share_candidates: int = 20
     bm25_b: float = 0.3  # length normalisation: long turns are not diluted chit-chat
     candidates: int = 100  # per channel
 
@@ -267,6 +270,22 @@ def late_interaction(query: TokenVectors, turns: Mapping[str, TokenVectors], fre
     return {i: float(v) for (i, _), v in zip(have, weights @ best, strict=True)}
 
 
+def late_share(turns: Sequence[TurnSignals], named: set[str]) -> float:
+    """For a question that names a speaker: the named speaker's best MaxSim over the best of anyone's.
+
+    Most questions about something never said swap the speaker ("What did Ana learn at the race?" when
+    Ben ran it): the words match a turn well, but not one of hers. 1.0 when no speaker is named or
+    nothing was scored. MaxSim separates such questions better than the BM25 share on the development
+    conversations (`benchmarks/memory_conversations.md`), because it also matches paraphrases.
+    """
+    scored = [t for t in turns if t.late is not None]
+    if not named or not scored:
+        return 1.0
+    best = max(t.late for t in scored)
+    theirs = max((t.late for t in scored if t.speaker in named), default=0.0)
+    return max(theirs, 0.0) / best if best > 0 else 1.0
+
+
 def _standardise(values: np.ndarray) -> np.ndarray:
     spread = float(values.std())
     return (values - values.mean()) / spread if spread > 1e-9 else np.zeros_like(values)
@@ -280,7 +299,8 @@ def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring,
     A turn the dense search did not return gets the lowest cosine it did return (it is at most that
     close); one the lexical search did not return has no matching word (BM25 0). `late` gives the
     late-interaction score of the turns it is asked about: only the best `w.late_candidates` so far
-    are asked (MaxSim costs a matrix product per turn's pieces), the rest score as the worst of those.
+    are asked (MaxSim costs a matrix product per turn's pieces), the rest score as the worst of those;
+    when `named` is set, so are the best `w.share_candidates` turns of other speakers (see `late_share`).
     """
     if not turns:
         return {}
@@ -304,7 +324,11 @@ def rank_turns(turns: Sequence[TurnSignals], named: set[str], w: TurnScoring,
     score = fused + lent + said
     interaction = np.zeros_like(score)
     if late is not None and w.late:
-        top = np.argsort(-score, kind="stable")[: w.late_candidates]
+        top = list(np.argsort(-score, kind="stable")[: w.late_candidates])
+        if named and w.share_candidates:
+            asked = set(top)
+            others = [n for n in np.argsort(-(fused + lent), kind="stable") if turns[n].speaker not in named]
+            top += [n for n in others[: w.share_candidates] if n not in asked]
         found = late([turns[n].id for n in top])
         for n in top:
             turns[n].late = found.get(turns[n].id)

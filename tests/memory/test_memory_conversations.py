@@ -258,3 +258,19 @@ def test_a_recalled_turn_shows_its_late_interaction_score(settings: Settings) ->
         assert top.id == ids[3] and 0.0 < top.signals["maxsim"] <= 1.0
     finally:
         service.close()
+
+
+def test_a_question_naming_the_wrong_speaker_gets_a_low_maxsim_share_and_the_right_one_full(settings: Settings) -> None:
+    service = MemoryService(settings)
+    try:
+        sid = service.start_session("ana-and-ben").id
+        service.remember_turns(sid, SESSION_1 + SESSION_2)
+        shares = {q: service.recall_with_support(q, "ana-and-ben", k=4)[1].late_share for q in (
+            "What did Ana make in her pottery class?", "What did Ben make in his pottery class?",
+            "What will Ana study at the university?", "What will Ben study at the university?", "Who will study at the university?")}
+    finally:
+        service.close()
+    # Ana took the class and is applying to study: her turns match best, whoever the question names
+    assert shares["What did Ana make in her pottery class?"] == shares["What will Ana study at the university?"] == 1.0
+    assert shares["Who will study at the university?"] == 1.0  # no speaker named: nothing to compare
+    assert shares["What did Ben make in his pottery class?"] < 0.8 and shares["What will Ben study at the university?"] < 0.8
