@@ -210,6 +210,8 @@ def admission(engine, policies: list[str | None], length: int, pool: int, max_to
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--filler", required=True, help="the PEP corpus (JSON lines with split and text); held-out rows are the filler")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the model served: a name or a folder; a converted HydraHead folder (`hydrabrain model convert`) compacts its FA heads only")
     parser.add_argument("--samples", type=int, default=20, help="probes per cell")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16], help="budget = prompt length / this")
@@ -238,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     from hydrabrain.inference.models import resolve
 
     t0 = time.perf_counter()
-    src = resolve("smollm2-135m")
+    src = resolve(args.model)
     tok = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file, local_files_only=True)
     # Calibration reads real text (the train split, never the held-out filler), not one paragraph.
     calibration = " ".join(Filler(prose_paragraphs(args.filler, "train"), tok).take(random.Random(99), args.calibration_tokens))
 
     def make_engine(blocks: int):
-        return create_engine("smollm2-135m", num_blocks=blocks, max_batch=args.max_batch, prefill_chunk=args.chunk, heads_file=args.heads_file,
+        return create_engine(args.model, num_blocks=blocks, max_batch=args.max_batch, prefill_chunk=args.chunk, heads_file=args.heads_file,
                              rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads)[0]
 
     engine = make_engine(8 * (max(args.lengths) + 128) // 16 + 64)
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_path = Path(args.out)
     meta = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)" if args.model == "smollm2-135m" else describe_model(args.model),
         "command": "python benchmarks/kv_compaction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads, "block_size": 16, "bytes_per_block": bpb, "prefill_chunk": args.chunk,
         "compaction_interval": engine.compaction_interval, "sinks": engine.sinks, "recent": engine.recent,
@@ -306,6 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         save(extra)
     _print_table(cells)
     return 0
+
+
+def describe_model(model: str) -> str:
+    """What was served, in words: a converted HydraHead folder names its teacher and FA groups."""
+    report = Path(model) / "conversion.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        window = r.get("recipe", {}).get("gdn_window", 0)
+        return f"HydraHead converted from {r.get('teacher')}: {r.get('fa_groups')} of {r.get('total_groups')} KV groups FA ({r.get('selection')}), GDN window {window}"
+    return model
 
 
 def _cell(policy, task, setting, length, budget, probes, got, full, stats, secs, tok, bpb) -> dict:

@@ -12,7 +12,16 @@ import torch
 from backend_http import served
 
 from hydrabrain.inference import api
-from hydrabrain.inference.convert import ConvertConfig, TokenBatches, calibrate_gains, convert, distill_loss, read_texts, transfer_loss
+from hydrabrain.inference.convert import (
+    ConvertConfig,
+    TokenBatches,
+    calibrate_gains,
+    convert,
+    distill_loss,
+    far_copy_positions,
+    read_texts,
+    transfer_loss,
+)
 from hydrabrain.inference.model import HydraHeadForCausalLM, from_llama
 from hydrabrain.servers.cli import main
 
@@ -41,6 +50,30 @@ def test_a_conversion_that_keeps_every_head_full_attention_gives_the_teachers_lo
     ids = torch.tensor([tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, and then it rests.")])
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, tiny.hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_only_a_pair_that_comes_back_after_a_long_gap_marks_a_far_copy_position():
+    filler = list(range(100, 120))  # twenty distinct tokens
+    row = [7, 8, *filler, 7, 8, 9, 9, 9, 9]  # 7 -> 8 again, 22 tokens later; 9 -> 9 repeats at once
+    marks = far_copy_positions(torch.tensor([row]), window=10)[0]
+    assert marks.nonzero().flatten().tolist() == [22]  # the second 7, whose next token was last seen 22 back
+    assert not far_copy_positions(torch.tensor([row]), window=30).any()  # within reach: nothing is far
+
+
+def test_distillation_weights_of_one_give_the_plain_loss_and_far_weights_change_it(tiny, corpus):
+    student = from_llama(tiny.hf, MIXED)
+    ids = next(TokenBatches(read_texts(corpus), tiny.tokenizer, 2, 32, seed=1))
+    with torch.no_grad():
+        plain = distill_loss(tiny.hf, student, ids)
+        torch.testing.assert_close(distill_loss(tiny.hf, student, ids, weights=torch.ones(ids.shape)), plain)
+        weights = torch.ones(ids.shape)
+        weights[:, :4] = 10.0
+        assert not torch.isclose(distill_loss(tiny.hf, student, ids, weights=weights), plain)
+
+
+def test_a_conversion_with_far_copy_weights_trains_and_records_them(tiny, corpus, tmp_path):
+    _, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED, distill_far_copy=4.0, gdn_window=8, gdn_sinks=2))
+    assert report["recipe"]["distill_far_copy"] == 4.0 and report["tokens"] == {"stage1": 128, "stage2": 128}
 
 
 def test_held_out_rows_are_never_trained_on(corpus):
