@@ -226,21 +226,25 @@ def table(convs: list[dict[str, Any]], systems: dict[str, dict]) -> dict[str, An
     return rows
 
 
-def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights) -> dict[str, Any]:
+def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights, caps: tuple[float, ...] = (0.01, 0.02, 0.05)) -> dict[str, Any]:
     """Pick the thresholds on even-numbered questions, report them (and the shipped ones) on odd-numbered ones.
 
     The choice maximises balanced accuracy (category 5 left empty, answerable questions answered) among
     thresholds that leave at most 5 % of the answerable development questions empty: abstaining on a
-    question that memory can answer costs an agent more than answering one it cannot. Three signals:
+    question that memory can answer costs an agent more than answering one it cannot. The same choice
+    under tighter caps (`caps`) shows the trade-off, with the recall@5 each would leave over every
+    answerable question (an emptied question recalls nothing). Three signals:
     the turn support, the named speaker's share of the best BM25 match and of the best MaxSim; each
     share is also chosen alone (the other off), to show what it buys.
     """
-    keys, cats = [], []
+    keys, cats, found = [], [], []
     for conv in convs:
         for n, qa in enumerate(conv["qa"]):
-            if qa["category"] == 5 or qa["category"] in CATEGORIES:
+            if qa["category"] == 5 or (qa["category"] in CATEGORIES and evidence_ids(qa)):
                 keys.append((conv["conversation_id"], n))
                 cats.append(qa["category"])
+                found.append(recall_at(scan[keys[-1]][0], evidence_ids(qa), 5) if qa["category"] != 5 else 0.0)
+    found_at5 = np.array(found)
     parity = np.array([n % 2 for _, n in keys])
     adversarial = np.array(cats) == 5
     supports = [scan[key][1] for key in keys]
@@ -259,14 +263,14 @@ def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights)
     maxsim_share = np.array([s.late_share for s in supports])
     dev_adv, dev_ans = adversarial & (parity == 0), ~adversarial & (parity == 0)
 
-    def choose(supports_at, bm25_at, maxsim_at) -> RankingWeights:
+    def choose(supports_at, bm25_at, maxsim_at, cap: float = 0.05) -> RankingWeights:
         chosen, score = None, None
         for a in supports_at:
             for b in bm25_at:
                 for c in maxsim_at:
                     empty = (best_support < a) | (bm25_share < b) | (maxsim_share < c)
                     wrong = empty[dev_ans].mean()
-                    if wrong > 0.05:
+                    if wrong > cap:
                         continue
                     key = (0.5 * (empty[dev_adv].mean() + 1 - wrong), -a, -b, -c)
                     if score is None or key > score:
@@ -284,6 +288,15 @@ def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights)
     def triple(w: RankingWeights) -> dict[str, float]:
         return {"turn_answer_threshold": w.turn_answer_threshold, "speaker_share": w.speaker_share, "late_share": w.late_share}
 
+    def recall5_kept(w: RankingWeights) -> float:
+        answered = np.array([s.answers(w) for s in supports])
+        return round(float((found_at5 * answered)[~adversarial].mean()), 4)
+
+    trade_off = []
+    for cap in caps:
+        w = choose(supports_grid, bm25_grid, maxsim_grid, cap)
+        trade_off.append({"answerable_left_empty_cap_dev": cap, "chosen": triple(w), "test": rates(w, 1), "recall@5_all_answerable": recall5_kept(w)})
+
     return {
         "chosen_on": "even-numbered questions of each conversation (at most 5 % of answerable ones left empty)",
         "reported_on": "odd-numbered questions of each conversation",
@@ -296,6 +309,9 @@ def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights)
         "shipped_test": rates(shipped, 1),
         "shipped_all": {"even": rates(shipped, 0), "odd": rates(shipped, 1)},
         "without_speaker_shares_test": rates(RankingWeights(speaker_share=0.0, late_share=0.0), 1),
+        "shipped_recall@5_all_answerable": recall5_kept(shipped),
+        "no_abstention_recall@5_all_answerable": round(float(found_at5[~adversarial].mean()), 4),
+        "trade_off": trade_off,
     }
 
 
@@ -341,6 +357,8 @@ def main() -> None:
     print(f"abstention: {a['chosen']} chosen on dev -> test {a['chosen_test']}; shipped {a['shipped']} -> test {a['shipped_test']}")
     for signal in ("bm25_share_only", "maxsim_share_only"):
         print(f"  {signal}: {a[signal]['chosen']} -> test {a[signal]['test']}")
+    for row in a["trade_off"]:
+        print(f"  at most {row['answerable_left_empty_cap_dev']:.0%} of answerable dev questions empty: {row['chosen']} -> test {row['test']}, recall@5 {row['recall@5_all_answerable']}")
 
 
 if __name__ == "__main__":
