@@ -75,6 +75,8 @@ class MemoryConfig(Section):
     lesson_similarity: float = Field(0.8, gt=0, le=1, description="Cosine similarity at which attempts and outcomes count as the same lesson")
     lesson_min_support: int = Field(2, ge=1, description="Similar attempts/outcomes needed before consolidation writes a new lesson")
     extract_facts: bool = Field(True, description="Ask the configured LLM for extra facts when `remember` is given none (needs a provider)")
+    speaker_share: float = Field(0.55, ge=0, le=1, description="A question naming a speaker gets nothing when that speaker's best BM25 match over conversation turns is under this share of anyone's (0: off)")
+    late_share: float = Field(0.835, ge=0, le=1, description="The same on late-interaction (MaxSim) scores; lower it to answer more questions and abstain less (0: off)")
 
 
 class CragConfig(Section):

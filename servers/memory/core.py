@@ -158,7 +158,7 @@ class MemoryService:
         # BM25 statistics per user: another user's writes never reorder this user's results.
         self.lexical = open_lexical_index(settings, "memory", scope_field="user")
         self.graph = FactGraph(open_graph_store(settings, "memory"))
-        self.weights = RankingWeights()
+        self.weights = RankingWeights(speaker_share=self.cfg.speaker_share, late_share=self.cfg.late_share)
         self.conversation = TurnScoring()
         # A query's word pieces, kept for queries asked again: the pooled vector has the embedder's cache,
         # and without this one a repeated recall would run the encoder again just for the pieces.

@@ -274,3 +274,14 @@ def test_a_question_naming_the_wrong_speaker_gets_a_low_maxsim_share_and_the_rig
     assert shares["What did Ana make in her pottery class?"] == shares["What will Ana study at the university?"] == 1.0
     assert shares["Who will study at the university?"] == 1.0  # no speaker named: nothing to compare
     assert shares["What did Ben make in his pottery class?"] < 0.8 and shares["What will Ben study at the university?"] < 0.8
+
+
+async def test_abstention_on_the_other_speakers_words_can_be_turned_off_in_the_settings(isolated_home: Path, monkeypatch) -> None:
+    from hydrabrain.shared.config import load_settings
+
+    monkeypatch.setenv("HYDRABRAIN_MEMORY_SPEAKER_SHARE", "0")
+    monkeypatch.setenv("HYDRABRAIN_MEMORY_LATE_SHARE", "0")
+    async with Client(build_server(load_settings())) as client:
+        await write_conversation(client)
+        swapped = await call(client, "recall", query="What did Ana's beagle puppy chew?", user="ana-and-ben", k=4)
+    assert swapped["items"]  # Ana's turns come back, best first: the caller chose answers over abstention
