@@ -492,6 +492,8 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
     progress = progress or (lambda *a: None)
     if cfg.distill_train not in DISTILL_TRAIN:
         raise ValueError(f"distill_train must be one of {', '.join(DISTILL_TRAIN)}; got {cfg.distill_train!r}")
+    if cfg.distill_far_copy < 0:
+        raise ValueError(f"distill_far_copy must be 0 or more (the extra weight of far-copy positions); got {cfg.distill_far_copy}")
     texts = read_texts(corpus, "train")  # fails early and clearly on a bad corpus
     teacher = teacher.to(cfg.device).eval()
     for p in teacher.parameters():

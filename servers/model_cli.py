@@ -243,6 +243,8 @@ def _convert(args: argparse.Namespace) -> int:
         raise SystemExit(f"hydrabrain: --stage1-tokens must be between 0 and --tokens ({args.tokens})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("hydrabrain: --device cuda was asked for but torch sees no CUDA device")
+    if args.distill_far_copy < 0:
+        raise SystemExit(f"hydrabrain: --distill-far-copy must be 0 or more (extra weight on far-copy positions); got {args.distill_far_copy}")
     try:
         read_texts(args.corpus, "train")  # before the teacher loads: a bad corpus fails in a second
     except CorpusError as exc:

@@ -216,6 +216,7 @@ def test_the_command_line_chooses_heads_by_default_as_a_greedy_set_on_the_prose_
     [
         (["--corpus", "no/such/corpus.jsonl"], "does not exist"),
         (["--ratio", "0.01"], "keeps no head"),
+        (["--distill-far-copy", "-1"], "must be 0 or more"),
     ],
 )
 def test_the_command_line_refuses_bad_input_with_a_clear_message(tiny, corpus, tmp_path, flags, complaint):
