@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.stage1_tokens, args.stage2_tokens, args.seq_len, args.batch = 1024, 1024, 256, 2
         args.samples, args.lengths, args.ppl_tokens, args.random_seeds, args.decode_batches = 2, [512], 1024, [0], [1]
+    args.stage1_seq_len = args.stage1_seq_len or args.seq_len
     if args.threads:
         torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command, "device": _device(args.device), "ratio": args.ratio, "fa_groups_budget": budget,
                    "probe": args.probe, "search": args.search, "distill_train": args.distill_train, "distill_far_copy": args.distill_far_copy, "heads_file": args.heads_file, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
-                   "stage1_tokens": args.stage1_tokens, "stage1_seq_len": args.stage1_seq_len or args.seq_len, "stage2_tokens": args.stage2_tokens, "rows": rows}
+                   "stage1_tokens": args.stage1_tokens, "stage1_seq_len": args.stage1_seq_len, "stage2_tokens": args.stage2_tokens, "rows": rows}
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(out)
@@ -138,10 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"teacher {args.teacher}: {L} layers x {G} KV groups; {budget} kept FA")
     bank = work / "stage1-bank"
     if not (bank / "conversion.json").exists():
-        rows_of = args.stage1_seq_len or args.seq_len
-        log(f"stage 1 bank: every head to GDN, {args.stage1_tokens} tokens in rows of {rows_of}")
-        cfg = base_cfg([[] for _ in range(L)], "all-gdn-stage1", stage2_tokens=0, seq_len=rows_of,
-                       batch=max(1, args.batch * args.seq_len // rows_of))
+        log(f"stage 1 bank: every head to GDN, {args.stage1_tokens} tokens in rows of {args.stage1_seq_len}")
+        cfg = base_cfg([[] for _ in range(L)], "all-gdn-stage1", stage2_tokens=0, seq_len=args.stage1_seq_len,
+                       batch=max(1, args.batch * args.seq_len // args.stage1_seq_len))
         convert(teacher, tokenizer, args.corpus, bank, cfg, resume=True, progress=_progress(), teacher_name=args.teacher)
 
     selections: list[tuple[str, int | None, list[list[int]]]] = []

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_path = Path(args.out)
     meta = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)" if args.model == "smollm2-135m" else describe_model(args.model),
+        "model": describe_model(args.model),
         "command": "python benchmarks/kv_compaction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads, "block_size": 16, "bytes_per_block": bpb, "prefill_chunk": args.chunk,
         "compaction_interval": engine.compaction_interval, "sinks": engine.sinks, "recent": engine.recent,
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe_model(model: str) -> str:
     """What was served, in words: a converted HydraHead folder names its teacher and FA groups."""
+    if model == "smollm2-135m":
+        return "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
     report = Path(model) / "conversion.json"
     if report.is_file():
         r = json.loads(report.read_text())

@@ -249,15 +249,19 @@ def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights,
     adversarial = np.array(cats) == 5
     supports = [scan[key][1] for key in keys]
 
+    def left_empty(w: RankingWeights) -> np.ndarray:
+        return np.array([not s.answers(w) for s in supports])
+
     def rates(w: RankingWeights, side: int) -> dict[str, float]:
-        empty = np.array([not s.answers(w) for s in supports])
+        empty = left_empty(w)
         adv, ans = adversarial & (parity == side), ~adversarial & (parity == side)
         right, wrong = float(empty[adv].mean()) if adv.any() else 0.0, float(empty[ans].mean()) if ans.any() else 0.0
         return {"category5_abstained": round(right, 4), "answerable_left_empty": round(wrong, 4),
                 "balanced_accuracy": round(0.5 * (right + 1 - wrong), 4),
                 "category5_questions": int(adv.sum()), "answerable_questions": int(ans.sum())}
 
-    # vectorised over the grid: each signal once per question, each threshold a comparison
+    # The grid search applies `Support.answers` for conversation turns vectorised: each signal once
+    # per question, each threshold a comparison (calling it per question and grid point is minutes).
     best_support = np.array([s.best for s in supports])
     bm25_share = np.array([s.speaker_share for s in supports])
     maxsim_share = np.array([s.late_share for s in supports])
@@ -289,8 +293,7 @@ def abstention(convs: list[dict[str, Any]], scan: dict, shipped: RankingWeights,
         return {"turn_answer_threshold": w.turn_answer_threshold, "speaker_share": w.speaker_share, "late_share": w.late_share}
 
     def recall5_kept(w: RankingWeights) -> float:
-        answered = np.array([s.answers(w) for s in supports])
-        return round(float((found_at5 * answered)[~adversarial].mean()), 4)
+        return round(float((found_at5 * ~left_empty(w))[~adversarial].mean()), 4)
 
     trade_off = []
     for cap in caps:
