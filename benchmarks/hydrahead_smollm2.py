@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-train", choices=("gdn", "all"), default="gdn", help="stage 2 trains the GDN heads and fusion, or every layer's weights")
     parser.add_argument("--distill-far-copy", type=float, default=0.0, metavar="W",
                         help="stage 2 weighs positions whose next token was last seen beyond the GDN window 1 + W times (default 0)")
+    parser.add_argument("--distill-plant-copies", type=int, default=0, metavar="N",
+                        help="stage 2 plants N long-range copies of a span per row, weighted as far copies (default 0)")
     parser.add_argument("--samples", type=int, default=20, help="pass-key prompts per length")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--ppl-tokens", type=int, default=16384)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"command": command, "device": _device(args.device), "ratio": args.ratio, "fa_groups_budget": budget,
-                   "probe": args.probe, "search": args.search, "distill_train": args.distill_train, "distill_far_copy": args.distill_far_copy, "heads_file": args.heads_file, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
+                   "probe": args.probe, "search": args.search, "distill_train": args.distill_train, "distill_far_copy": args.distill_far_copy, "distill_plant_copies": args.distill_plant_copies, "heads_file": args.heads_file, "gdn_window": args.gdn_window, "gdn_sinks": args.gdn_sinks if args.gdn_window else None,
                    "stage1_tokens": args.stage1_tokens, "stage1_seq_len": args.stage1_seq_len, "stage2_tokens": args.stage2_tokens, "rows": rows}
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def base_cfg(fa, selection, seed=None, **kw) -> ConvertConfig:
         settings = dict(stage1_tokens=args.stage1_tokens, stage2_tokens=args.stage2_tokens, seq_len=args.seq_len,
-                        batch=args.batch, distill_seq_len=args.distill_seq_len, distill_batch=args.distill_batch, lr=args.lr, lr_distill=args.lr_distill, distill_train=args.distill_train, distill_far_copy=args.distill_far_copy, device=args.device,
+                        batch=args.batch, distill_seq_len=args.distill_seq_len, distill_batch=args.distill_batch, lr=args.lr, lr_distill=args.lr_distill, distill_train=args.distill_train, distill_far_copy=args.distill_far_copy, distill_plant_copies=args.distill_plant_copies, device=args.device,
                         gdn_window=args.gdn_window, gdn_sinks=args.gdn_sinks)
         return ConvertConfig(fa_heads=fa, selection=selection, selection_seed=seed, **{**settings, **kw})
 

@@ -359,6 +359,39 @@ def far_copy_positions(ids: torch.Tensor, window: int) -> torch.Tensor:
     return marks
 
 
+def plant_copies(ids: torch.Tensor, count: int, min_gap: int, span: tuple[int, int] = (16, 48), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy ``count`` spans of each row's first half verbatim over later text, at least ``min_gap`` tokens on.
+
+    Returns the planted rows and a (B, T) bool mask of the positions that predict a planted token. The
+    teacher continues a span it has seen before by copying it (its induction heads reach any distance),
+    so its logits there are a dense lesson in long-range copying: the skill a pass key or a name asked for
+    after thousands of tokens needs, and the one a hybrid loses when its GDN heads cannot reach back.
+    Natural prose holds such repeats too (`far_copy_positions`), but rarely (about 3 % of positions).
+    Rows are cut arbitrarily from the text, so an overwritten stretch reads as an abrupt quotation.
+    """
+    ids = ids.clone()
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    rows, length = ids.shape
+    shortest, longest = span
+    if count <= 0 or length < 2 * longest + min_gap:
+        return ids, mask
+    rng = random.Random(seed)
+    # destinations take equal slots of the row's second half, so they never overlap one another
+    lo, hi = length // 2, length
+    slot = (hi - lo) // count
+    for row in range(rows):
+        for k in range(count):
+            width = rng.randint(shortest, min(longest, slot))
+            dest = lo + k * slot + rng.randint(0, slot - width)
+            latest = min(dest - min_gap, lo) - width  # the source ends before the first half does, and far enough back
+            if latest < 0:
+                continue
+            src = rng.randint(0, latest)
+            ids[row, dest : dest + width] = ids[row, src : src + width]
+            mask[row, dest : dest + width - 1] = True  # position t predicts t+1: the copy's first token is not predictable
+    return ids, mask
+
+
 def distill_loss(teacher: nn.Module, student: HydraHeadForCausalLM, ids: torch.Tensor, chunk: int = 1024,
                  weights: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 2: KL(teacher || student) of the next-token distribution, averaged over every position
@@ -412,6 +445,9 @@ class ConvertConfig:
     # stage 2 weighs positions whose next token repeats what was last seen beyond the GDN window
     # (`far_copy_positions`) 1 + this, every other position 1 (0: plain KL over every position)
     distill_far_copy: float = 0.0
+    # stage 2 plants this many copies per row of a span from the row's first half over text at least
+    # twice the GDN reach later (`plant_copies`), weighted as far copies (1 + distill_far_copy); 0: off
+    distill_plant_copies: int = 0
     seed: int = 0
     device: str = "cpu"
     stage1_from: str | None = None  # a converted folder whose stage-1 GDN heads seed this one
@@ -494,6 +530,8 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
         raise ValueError(f"distill_train must be one of {', '.join(DISTILL_TRAIN)}; got {cfg.distill_train!r}")
     if cfg.distill_far_copy < 0:
         raise ValueError(f"distill_far_copy must be 0 or more (the extra weight of far-copy positions); got {cfg.distill_far_copy}")
+    if cfg.distill_plant_copies < 0:
+        raise ValueError(f"distill_plant_copies must be 0 or more (copies planted per stage-2 row); got {cfg.distill_plant_copies}")
     texts = read_texts(corpus, "train")  # fails early and clearly on a bad corpus
     teacher = teacher.to(cfg.device).eval()
     for p in teacher.parameters():
@@ -549,8 +587,15 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
         reach = cfg.gdn_window or FAR_COPY_WINDOW
 
         def stage2_loss(ids: torch.Tensor) -> torch.Tensor:
-            weights = 1.0 + cfg.distill_far_copy * far_copy_positions(ids.cpu(), reach).float() if cfg.distill_far_copy else None
-            return distill_loss(teacher, student, ids, weights=weights)
+            ids, planted = ids.cpu(), None
+            if cfg.distill_plant_copies:
+                # seeded by the rows themselves, so a resumed run plants the same copies in the same rows
+                ids, planted = plant_copies(ids, cfg.distill_plant_copies, 2 * reach, seed=cfg.seed * 1_000_003 + int(ids[:, :16].sum()))
+            weights = None
+            if cfg.distill_far_copy:
+                far = far_copy_positions(ids, reach) if planted is None else far_copy_positions(ids, reach) | planted
+                weights = 1.0 + cfg.distill_far_copy * far.float()
+            return distill_loss(teacher, student, ids.to(cfg.device), weights=weights)
 
         _train_stage("stage2", stage2_loss, params, batches, cfg.stage2_tokens, cfg.lr_distill,
                      state if state.get("stage") == "stage2" else {}, reports["stage2"], cfg, save, progress)

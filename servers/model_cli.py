@@ -90,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--distill-far-copy", type=float, default=0.0, metavar="W",
                          help="stage 2 weighs positions whose next token was last seen beyond the GDN window (a name or number "
                          "coming back after a long gap) 1 + W times (default 0: every position alike)")
+    convert.add_argument("--distill-plant-copies", type=int, default=0, metavar="N",
+                         help="stage 2 copies N spans of each row's first half verbatim over later text, so the teacher's logits "
+                         "teach long-range copying; weighted as far copies (default 0: the corpus as it is)")
     convert.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
     convert.add_argument("--resume", action="store_true", help="continue an interrupted conversion in --out from its last checkpoint")
     convert.add_argument("--stage1-from", metavar="DIR", help="take stage-1 GDN heads from an earlier conversion (e.g. an all-GDN bank) instead of training them")
@@ -245,6 +248,8 @@ def _convert(args: argparse.Namespace) -> int:
         raise SystemExit("hydrabrain: --device cuda was asked for but torch sees no CUDA device")
     if args.distill_far_copy < 0:
         raise SystemExit(f"hydrabrain: --distill-far-copy must be 0 or more (extra weight on far-copy positions); got {args.distill_far_copy}")
+    if args.distill_plant_copies < 0:
+        raise SystemExit(f"hydrabrain: --distill-plant-copies must be 0 or more (copies planted per stage-2 row); got {args.distill_plant_copies}")
     try:
         read_texts(args.corpus, "train")  # before the teacher loads: a bad corpus fails in a second
     except CorpusError as exc:
@@ -265,7 +270,8 @@ def _convert(args: argparse.Namespace) -> int:
     cfg = ConvertConfig(fa_heads=fa, selection=selection, selection_seed=args.seed if selection == "random" else None,
                         stage1_tokens=stage1, stage2_tokens=args.tokens - stage1, seq_len=args.seq_len, batch=args.batch,
                         distill_seq_len=args.distill_seq_len, distill_batch=args.distill_batch,
-                        lr=args.lr, lr_distill=args.lr_distill, distill_train=args.distill_train, distill_far_copy=args.distill_far_copy, seed=args.seed, device=args.device, stage1_from=args.stage1_from,
+                        lr=args.lr, lr_distill=args.lr_distill, distill_train=args.distill_train, distill_far_copy=args.distill_far_copy,
+                        distill_plant_copies=args.distill_plant_copies, seed=args.seed, device=args.device, stage1_from=args.stage1_from,
                         gdn_window=args.gdn_window, gdn_sinks=args.gdn_sinks)
     bar = tqdm(total=args.tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="converting")
     losses: dict[str, float] = {}

@@ -19,6 +19,7 @@ from hydrabrain.inference.convert import (
     convert,
     distill_loss,
     far_copy_positions,
+    plant_copies,
     read_texts,
     transfer_loss,
 )
@@ -74,6 +75,28 @@ def test_distillation_weights_of_one_give_the_plain_loss_and_far_weights_change_
 def test_a_conversion_with_far_copy_weights_trains_and_records_them(tiny, corpus, tmp_path):
     _, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", small(MIXED, distill_far_copy=4.0, gdn_window=8, gdn_sinks=2))
     assert report["recipe"]["distill_far_copy"] == 4.0 and report["tokens"] == {"stage1": 128, "stage2": 128}
+
+
+def test_planted_copies_repeat_earlier_text_far_back_and_are_the_positions_marked():
+    ids = torch.arange(1000, 1000 + 2 * 400).view(2, 400)  # every token distinct: only a planted copy repeats
+    planted, mask = plant_copies(ids, count=3, min_gap=64, seed=5)
+    changed = planted != ids
+    assert changed.any(dim=1).all() and (changed.nonzero()[:, 1] >= 200).all()  # each row got copies, all in its second half
+    for row in range(2):
+        for t in changed[row].nonzero().flatten().tolist():
+            source = (ids[row] == planted[row, t]).nonzero().item()  # where the copied token first stood
+            assert t - source >= 64
+    # a marked position predicts the copy's next token, which the copy took from earlier text
+    assert (mask & ~changed).sum() == 0 and mask.sum() == changed.sum() - 2 * 3
+    short = torch.arange(64).view(1, 64)
+    assert torch.equal(plant_copies(short, 3, 64)[0], short)  # no room: the row is left as it is
+
+
+def test_a_conversion_with_planted_copies_trains_and_records_them(tiny, corpus, tmp_path):
+    cfg = small(MIXED, distill_plant_copies=2, distill_far_copy=4.0, distill_seq_len=128, distill_batch=1, gdn_window=8, gdn_sinks=2)
+    _, report = convert(tiny.hf, tiny.tokenizer, corpus, tmp_path / "out", cfg)
+    assert report["recipe"]["distill_plant_copies"] == 2 and report["tokens"] == {"stage1": 128, "stage2": 128}
+    assert report["stages"]["stage2"]["loss_final"] > 0
 
 
 def test_held_out_rows_are_never_trained_on(corpus):
@@ -217,6 +240,7 @@ def test_the_command_line_chooses_heads_by_default_as_a_greedy_set_on_the_prose_
         (["--corpus", "no/such/corpus.jsonl"], "does not exist"),
         (["--ratio", "0.01"], "keeps no head"),
         (["--distill-far-copy", "-1"], "must be 0 or more"),
+        (["--distill-plant-copies", "-2"], "must be 0 or more"),
     ],
 )
 def test_the_command_line_refuses_bad_input_with_a_clear_message(tiny, corpus, tmp_path, flags, complaint):
