@@ -324,7 +324,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--conversations", type=int, default=0, help="only the first N conversations (0: all)")
     parser.add_argument("--no-variants", action="store_true", help="skip the ablation variants")
+    parser.add_argument("--turn-encoding", choices=("paired", "single"), default=None,
+                        help="memory.turn_encoding for this run (default: the setting's own default)")
     args = parser.parse_args()
+    if args.turn_encoding:
+        os.environ["HYDRABRAIN_MEMORY_TURN_ENCODING"] = args.turn_encoding
     convs = load(args.data)
     if args.conversations:
         convs = convs[: args.conversations]
@@ -343,6 +347,7 @@ def main() -> None:
         "conversations": len(convs),
         "turns": mem["turns"],
         "questions": sum(len(c["qa"]) for c in convs),
+        "turn_encoding": load_settings().memory.turn_encoding,
         "ingest_turns_per_s": round(mem["turns"] / mem["ingest_s"], 1),
         "minilm_sentences_per_s_same_run": round(minilm_rate, 1),
         "recall_ms": {"p50": round(1000 * lat[len(lat) // 2], 2), "p99": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2)},

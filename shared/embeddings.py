@@ -29,10 +29,16 @@ _models_lock = threading.RLock()
 
 @dataclass(frozen=True)
 class TokenVectors:
-    """One text's word pieces: their vocabulary ids (int32) and contextual vectors ((n, dim) float16, unit rows)."""
+    """One text's word pieces: their vocabulary ids (int32) and contextual vectors ((n, dim) float16, unit rows).
+
+    ``total`` is the sum of the raw token vectors the model mean-pools (special tokens included,
+    float32): normalised, it is the text's pooled vector, and two texts' totals add up to what the
+    pooled vector of both read together approximates (the tokens' context aside).
+    """
 
     ids: np.ndarray
     vecs: np.ndarray
+    total: np.ndarray | None = None
 
     def after(self, n: int) -> TokenVectors:
         """The pieces from position n on (none when the text was cut before n)."""
@@ -198,9 +204,9 @@ class Embedder:
         for o in outputs:
             n = int(o["attention_mask"].sum())  # outputs are padded to the longest text of their batch
             ids = o["input_ids"][: n - 1].detach().cpu().numpy().astype(np.int32)[1:]  # drop [CLS], [SEP] and padding
-            vecs = o["token_embeddings"][: n - 1].detach().cpu().numpy().astype(np.float32)[1:]
-            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
-            tokens.append(TokenVectors(ids, vecs.astype(np.float16)))
+            raw = o["token_embeddings"][:n].detach().cpu().numpy().astype(np.float32)
+            vecs = raw[1 : n - 1] / np.maximum(np.linalg.norm(raw[1 : n - 1], axis=1, keepdims=True), 1e-9)
+            tokens.append(TokenVectors(ids, vecs.astype(np.float16), raw.sum(0)))
         return pooled, tokens
 
     def count_tokens(self, text: str) -> int:

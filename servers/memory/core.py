@@ -42,6 +42,7 @@ from hydrabrain.servers.memory.turns import (
     names_in,
     rank_turns,
     resolve_dates,
+    turn_vectors,
     without_speakers,
 )
 from hydrabrain.shared.config import Settings
@@ -337,17 +338,9 @@ class MemoryService:
             dates = resolve_dates(turn.text, at_ts)
             rows.append((turn, at_ts, dates, names_in(turn.text, speakers)))
         texts = [indexed_text(t.speaker, t.text, d) for t, _, d, _ in rows]
-        # Each vector also reads the turn before it (from an earlier call too), so a reply carries its question.
-        last = self.log.last_turn(session.id)
-        previous: list[tuple[str, str] | None] = [(last.speaker or "", last.text) if last else None]
-        previous += [(t.speaker, t.text) for t, _, _, _ in rows[:-1]]
-        vectors, pieces = self.embedder.embed_with_tokens([embedding_text(p, text) for p, text in zip(previous, texts, strict=True)])
+        vectors, pieces = self._turn_encoding(session.id, [(t.speaker, t.text) for t, _, _, _ in rows], texts)
         ids = [f"mem_{uuid.uuid4().hex[:16]}" for _ in rows]
-        # Late interaction keeps the turn's own pieces, read in the context of the turn before it (same pass).
-        tokens = {
-            i: content_pieces(tv.after(self.embedder.count_tokens(embedding_text(p, "")) if p else 0), self.embedder.tokenizer)
-            for i, tv, p in zip(ids, pieces, previous, strict=True)
-        }
+        tokens = {i: content_pieces(tv, self.embedder.tokenizer) for i, tv in zip(ids, pieces, strict=True)}
         with self._lock:
             first = self.log.next_turn(session.id)
             episodes = [
@@ -367,6 +360,19 @@ class MemoryService:
                 raise
         log_event(log, "remembered turns", user=session.user, session_id=session.id, turns=len(ids))
         return TurnsResult(session.id, ids, sum(len(r[2]) for r in rows), sum(len(r[3]) for r in rows))
+
+    def _turn_encoding(self, session_id: str, said: list[tuple[str, str]], texts: list[str]) -> tuple[np.ndarray, list[TokenVectors]]:
+        """Each turn's vector, read with the turn before it (from an earlier call too) so a reply carries its
+        question, and the turn's own pieces for late interaction, from the same encoder pass."""
+        last = self.log.last_turn(session_id)
+        if self.cfg.turn_encoding == "single":  # one pass per turn; the pair's vector is composed (`turn_vectors`)
+            before = [indexed_text(last.speaker or "", last.text, resolve_dates(last.text, last.at))] if last else []
+            pieces = self.embedder.embed_with_tokens(texts + before)[1]
+            return turn_vectors(pieces[: len(texts)], pieces[len(texts)] if last else None), pieces[: len(texts)]
+        previous: list[tuple[str, str] | None] = [(last.speaker or "", last.text) if last else None, *said[:-1]]
+        vectors, pieces = self.embedder.embed_with_tokens([embedding_text(p, text) for p, text in zip(previous, texts, strict=True)])
+        # the turn's own pieces, read in the context of the turn before it
+        return vectors, [tv.after(self.embedder.count_tokens(embedding_text(p, "")) if p else 0) for tv, p in zip(pieces, previous, strict=True)]
 
     # --- recall -----------------------------------------------------------------------------
 

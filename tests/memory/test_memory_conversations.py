@@ -224,6 +224,31 @@ def test_late_interaction_weighs_the_rare_pieces_of_a_question_most() -> None:
     assert "no-pieces" not in scores
 
 
+@pytest.mark.parametrize("encoding", ["paired", "single"])
+def test_a_turns_vector_reads_the_turn_before_it_whether_that_came_in_the_same_call_or_an_earlier_one(settings: Settings, encoding: str) -> None:
+    settings.memory.turn_encoding = encoding
+    service = MemoryService(settings)
+    try:
+        whole = service.start_session("one-call").id
+        whole_ids = service.remember_turns(whole, SESSION_1).memory_ids
+        split = service.start_session("two-calls").id
+        split_ids = service.remember_turns(split, SESSION_1[:3]).memory_ids + service.remember_turns(split, SESSION_1[3:]).memory_ids
+
+        def scores(user: str, ids: list[str]) -> list[float]:
+            hits = {h.id: h.score for h in service.retriever.dense_only("Ben's new dog", k=10, where={"user": user})}
+            return [hits[i] for i in ids]
+
+        # the fourth turn opens the second call: its vector still reads the pottery turn before it
+        assert scores("one-call", whole_ids) == pytest.approx(scores("two-calls", split_ids), abs=1e-5)
+        # what it read before counts: the puppy turn is nearer a question about the pottery turn than alone
+        query = "Ana's first pottery class"
+        stored = {h.id: h.score for h in service.retriever.dense_only(query, k=10, where={"user": "one-call"})}[whole_ids[3]]
+        alone = float(service.embedder.embed([f"Ben: {SESSION_1[3]['text']}"])[0] @ service.embedder.embed_one(query))
+        assert stored > alone + 0.1
+    finally:
+        service.close()
+
+
 def test_each_turn_keeps_its_own_content_pieces_and_forgetting_it_takes_them_and_their_counts(settings: Settings) -> None:
     service = MemoryService(settings)
     try:
@@ -232,7 +257,7 @@ def test_each_turn_keeps_its_own_content_pieces_and_forgetting_it_takes_them_and
         pieces = service.log.turn_tokens(ids)
         tokenizer = service.embedder.tokenizer
         reply = set(tokenizer.convert_ids_to_tokens(pieces[ids[3]].ids.tolist()))
-        assert {"bea", "##gle", "puppy", "adopted"} <= reply  # its own words, read after the turn before it
+        assert {"bea", "##gle", "puppy", "adopted"} <= reply  # its own words
         assert not reply & {"pottery", "the", ",", "."}  # not the previous turn's words, no stopwords or punctuation
         assert pieces[ids[3]].vecs.shape == (len(pieces[ids[3]].ids), service.embedder.dim)
 
