@@ -378,6 +378,7 @@ def plant_copies(ids: torch.Tensor, count: int, min_gap: int, span: tuple[int, i
     rng = random.Random(seed)
     # destinations take equal slots of the row's second half, so they never overlap one another
     lo, hi = length // 2, length
+    count = min(count, (hi - lo) // shortest)  # no more copies than the second half has room for
     slot = (hi - lo) // count
     for row in range(rows):
         for k in range(count):
@@ -593,7 +594,9 @@ def convert(teacher: nn.Module, tokenizer, corpus: str | Path, out: str | Path, 
                 ids, planted = plant_copies(ids, cfg.distill_plant_copies, 2 * reach, seed=cfg.seed * 1_000_003 + int(ids[:, :16].sum()))
             weights = None
             if cfg.distill_far_copy:
-                far = far_copy_positions(ids, reach) if planted is None else far_copy_positions(ids, reach) | planted
+                far = far_copy_positions(ids, reach)
+                if planted is not None:
+                    far |= planted
                 weights = 1.0 + cfg.distill_far_copy * far.float()
             return distill_loss(teacher, student, ids.to(cfg.device), weights=weights)
 

@@ -90,6 +90,8 @@ def test_planted_copies_repeat_earlier_text_far_back_and_are_the_positions_marke
     assert (mask & ~changed).sum() == 0 and mask.sum() == changed.sum() - 2 * 3
     short = torch.arange(64).view(1, 64)
     assert torch.equal(plant_copies(short, 3, 64)[0], short)  # no room: the row is left as it is
+    crowded, marked = plant_copies(ids, count=1000, min_gap=0)  # more than fit: as many as the second half holds
+    assert marked.sum() > 0 and (marked.nonzero()[:, 1] >= 200).all()
 
 
 def test_a_conversion_with_planted_copies_trains_and_records_them(tiny, corpus, tmp_path):
