@@ -195,7 +195,7 @@ def turn_vectors(turns: Sequence[TokenVectors], before: TokenVectors | None = No
 
     The encoder mean-pools its token vectors, so the vector of two turns read as one text is close to
     the normalised sum of each turn's token vectors read alone (cosine 0.96 on long conversations).
-    Every turn goes through the encoder once instead of twice (2.2x the ingest rate in the conversation
+    Every turn goes through the encoder once instead of twice (2.0x the ingest rate in the conversation
     benchmark); what is lost is the context of each turn's own pieces, which late interaction reads
     (recall@5 0.743 against the paired pass's 0.755, benchmarks/memory_conversations.md).
     """
