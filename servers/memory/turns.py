@@ -199,9 +199,7 @@ def turn_vectors(turns: Sequence[TokenVectors], before: TokenVectors | None = No
     benchmark); what is lost is the context of each turn's own pieces, which late interaction reads
     (recall@5 0.743 against the paired pass's 0.755, benchmarks/memory_conversations.md).
     """
-    totals = [t.total for t in turns]
-    if any(t is None for t in totals) or (before is not None and before.total is None):
-        raise ValueError("turn vectors need each text's token total (Embedder.embed_with_tokens gives it)")
+    totals = [t.total for t in turns]  # Embedder.embed_with_tokens fills them
     previous = [before.total if before is not None else None, *totals[:-1]]
     summed = np.stack([own if prev is None else own + prev for own, prev in zip(totals, previous, strict=True)]).astype(np.float32)
     return summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-9)
