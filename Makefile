@@ -10,6 +10,9 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# `python -m` from the repo root would put the root on sys.path, and the source folder `kernels/`
+# (installed as hydrabrain.kernels) would then shadow the `kernels` package transformers imports.
+export PYTHONSAFEPATH := 1
 
 .PHONY: demo test install graph-up graph-down bench clean
 

@@ -147,8 +147,9 @@ def run(engine, probes: list[dict], policy: str | None, budget: int | None, sett
     ids = []
     for p in probes:
         doc = p["document_tokens"] if setting == "question_after" and policy is not None else None
+        name, spill = split_spill(policy)
         params = SamplingParams(max_tokens=p["max_tokens"], temperature=0, ignore_eos=not greedy_eos, kv_budget=budget,
-                                kv_policy=policy, kv_document_tokens=doc)
+                                kv_policy=name, kv_document_tokens=doc, kv_spill=spill)
         ids.append(engine.add_request(p["ids"], params))
     out: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_work:
@@ -156,6 +157,16 @@ def run(engine, probes: list[dict], policy: str | None, budget: int | None, sett
             out[o.request_id].extend(o.new_token_ids)
     engine.cache.assert_invariants()
     return [out[i] for i in ids], [engine.finished_stats[i] for i in ids], time.perf_counter() - started
+
+
+def split_spill(policy: str | None) -> tuple[str | None, bool]:
+    """``heads+spill`` names the heads policy with the host spill tier (``kv_spill``)."""
+    if policy is None:
+        return None, False
+    name, _, option = policy.partition("+")
+    if option not in ("", "spill"):
+        raise SystemExit(f"unknown policy option {option!r} in {policy!r}: only +spill")
+    return name, option == "spill"
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -170,8 +181,9 @@ def concurrency(engine_factory, tok, filler: Filler, policies: list[str | None],
     for policy in policies:
         engine = engine_factory(pool)
         budget = None if policy is None else length // 8
+        name, spill = split_spill(policy)
         for p in prompts:
-            engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, kv_budget=budget, kv_policy=policy))
+            engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, kv_budget=budget, kv_policy=name, kv_spill=spill))
         most_running = most_decoding = 0
         started = time.perf_counter()
         while engine.has_work:
@@ -196,7 +208,8 @@ def admission(engine, policies: list[str | None], length: int, pool: int, max_to
     rows = []
     for policy in policies:
         budget = None if policy is None else length // 8
-        rid = engine.add_request(list(range(5, 5 + length)), SamplingParams(max_tokens=max_tokens, temperature=0, kv_budget=budget, kv_policy=policy))
+        name, spill = split_spill(policy)
+        rid = engine.add_request(list(range(5, 5 + length)), SamplingParams(max_tokens=max_tokens, temperature=0, kv_budget=budget, kv_policy=name, kv_spill=spill))
         r = next(r for r in engine.waiting if r.id == rid)
         peak, steady = r.need_blocks, r.steady_need if budget is not None else r.need_blocks
         engine.waiting.remove(r)
@@ -334,6 +347,8 @@ def _cell(policy, task, setting, length, budget, probes, got, full, stats, secs,
         "blocks_freed": sum(s.blocks_freed for s in stats) / len(stats),
         "ms_per_pass": 1000 * sum(s.compaction_s for s in stats) / passes if passes else None,
         "whole_blocks": sum(s.whole_blocks for s in stats) / len(stats),
+        "kv_spill": "+spill" in (policy or ""),
+        "kv_bytes_host": sum(s.host_bytes for s in stats) / len(stats),
         "samples": len(probes), "prompt_tokens": sum(len(p["ids"]) for p in probes) / len(probes), "seconds": secs,
     }
 

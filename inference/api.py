@@ -5,7 +5,10 @@ on its own asyncio queue. Errors use OpenAI's shape, ``{"error": {"message", "ty
 "code"}}``, with the matching status. A client that goes away (mid-stream or while waiting for a
 whole completion) cancels its request, and the engine gives its blocks back on the next step.
 Extensions: ``kv_budget`` (tokens) sets the request's KV budget and ``kv_policy`` which tokens
-survive compaction; the usage of a compacted request reports its KV bytes at peak and in steady state.
+survive compaction; ``kv_document_tokens`` marks the prompt's first N tokens as a document read before
+the question (the selection then happens where it ends), and ``kv_spill`` keeps the prompt's K/V in
+host memory so that the question chooses the survivors again. The usage of a compacted request
+reports its KV bytes at peak and in steady state, and the host bytes it spilled.
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ class _Body(BaseModel):
     n: int = Field(1, ge=1, le=1)
     kv_budget: int | None = Field(None, ge=1)
     kv_policy: str | None = None
+    kv_document_tokens: int | None = Field(None, ge=1)
+    kv_spill: bool | None = None
 
 
 class CompletionBody(_Body):
@@ -155,6 +160,7 @@ class BackendState:
     default_kv_budget: int | None
     default_kv_policy: str | None
     created: int
+    default_kv_spill: bool = False
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
@@ -183,8 +189,14 @@ def _params(state: BackendState, body: _Body, max_tokens: int | None) -> Samplin
         raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
     budget = body.kv_budget if body.kv_budget is not None else state.default_kv_budget
     policy = body.kv_policy if body.kv_policy is not None else state.default_kv_policy
+    # The server's default spills only where it can act (a budget, a question after a document, a
+    # query-aware policy); a request that asks for it explicitly gets an error where it cannot.
+    spill = body.kv_spill if body.kv_spill is not None else (
+        state.default_kv_spill and budget is not None and body.kv_document_tokens is not None
+        and getattr(state.worker.engine.runner, "reread_supported", False)
+        and (policy or "auto").partition(":")[0].strip().lower() in ("snapkv", "heads", "auto"))
     return SamplingParams(max_tokens=max_tokens or state.default_max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=stop, kv_budget=budget, kv_policy=policy)
+                          stop=stop, kv_budget=budget, kv_policy=policy, kv_document_tokens=body.kv_document_tokens, kv_spill=spill)
 
 
 def _message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -228,7 +240,7 @@ def _usage(state: BackendState, out: RequestOutput) -> dict[str, Any]:
     if st is not None and st.policy is not None:
         per_block = state.worker.engine.cache.bytes_per_block
         usage["kv"] = {"policy": st.policy, "bytes_peak": st.peak_blocks * per_block, "bytes_steady": st.steady_blocks * per_block,
-                       "blocks_freed": st.blocks_freed, "compactions": st.compactions}
+                       "blocks_freed": st.blocks_freed, "compactions": st.compactions, "bytes_host": st.host_bytes}
     return usage
 
 
@@ -367,7 +379,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_tokens: int = 256, default_kv_budget: int | None = None,
-              default_kv_policy: str | None = None, token_verifier: Any = None, required_scope: str = "router:complete",
+              default_kv_policy: str | None = None, default_kv_spill: bool = False, token_verifier: Any = None, required_scope: str = "router:complete",
               max_body_bytes: int = 4_000_000, allowed_hosts: list[str] | None = None, body_timeout_s: float = 30.0) -> _Guard:
     """The Starlette app serving ``engine`` as ``model_id``; the engine thread runs while the app does.
 
@@ -378,7 +390,7 @@ def build_app(engine: Engine, tokenizer: Any, model_id: str, *, default_max_toke
     request naming another Host gets 421: bound to loopback, that is what stops DNS rebinding.
     """
     worker = AsyncEngine(engine)
-    state = BackendState(worker, tokenizer, model_id, default_max_tokens, default_kv_budget, default_kv_policy, int(time.time()))
+    state = BackendState(worker, tokenizer, model_id, default_max_tokens, default_kv_budget, default_kv_policy, int(time.time()), default_kv_spill)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 
 from hydrabrain.inference.kv_cache import BLOCK_SIZE
-from hydrabrain.inference.policies import H2O, Heads, Policy, PolicyState, Recent, SnapKV, TriAttention, UnknownPolicy, parse_policy
-from hydrabrain.inference.scoring import QueryStats
+from hydrabrain.inference.policies import H2O, Heads, Policy, PolicyState, Recent, SnapKV, TriAttention, UnknownPolicy, attention_mass, parse_policy, rope
+from hydrabrain.inference.scoring import QueryStats, select_keep
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -48,6 +48,12 @@ class SamplingParams:
     # The first N prompt tokens are a document read before any question: prompt-end policies select
     # there, so the question that follows cannot guide them (one cached document, several questions).
     kv_document_tokens: int | None = None
+    # With kv_document_tokens: the prompt's K/V is also kept in a host tier, so the selection made where
+    # the document ends is not final: once the question has been read, the survivors are chosen again
+    # from every prompt token by the attention the question pays them, and the question is read anew
+    # over them. Needs a query-aware policy (snapkv, heads) and a runner that can re-read; without
+    # kv_document_tokens the question is already in the prompt-end pass and nothing is spilled.
+    kv_spill: bool = False
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
 
 
@@ -72,6 +78,7 @@ class RequestStats:
     steady_blocks: int = 0  # most blocks held once the prompt had been read (while decoding)
     whole_blocks: int = 0  # blocks reserved for whole-K/V heads (the heads policy)
     compaction_s: float = 0.0
+    host_bytes: int = 0  # host memory holding the prompt's K/V (kv_spill)
 
 
 @dataclass
@@ -88,6 +95,9 @@ class _Request:
     steady_need: int = 0
     whole: list[list[int]] | None = None  # per layer, KV heads kept whole
     prompt_read: bool = False
+    spill: bool = False  # kv_spill with a document: the prompt's K/V is kept in the host tier
+    spill_window: list | None = None  # per layer, the question's last queries (post-RoPE), for the re-selection
+    reread_logits: torch.Tensor | None = None  # the last prompt token's logits after the spill re-selection
     output: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already through the model
     next_position: int = 0  # logical position of the next token fed (never shrinks)
@@ -121,6 +131,7 @@ class Engine:
         whole_heads: int = 3,
         snapkv_window: int = 32,
         snapkv_pool: int = 7,
+        spill_rounds: int = 2,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -135,6 +146,7 @@ class Engine:
         self.head_ranking = head_ranking
         self.whole_heads = whole_heads
         self.snapkv_window, self.snapkv_pool = snapkv_window, snapkv_pool
+        self.spill_rounds = spill_rounds  # re-selections after a question that follows a spilled document
         self._policies: dict[str, Policy] = {}
         self._decode_hook = "query_hook" in inspect.signature(runner.decode).parameters
         self.kv_policy = kv_policy
@@ -177,7 +189,18 @@ class Engine:
         doc = params.kv_document_tokens
         if doc is not None and not 0 < doc <= len(prompt_ids):
             raise RequestRejected(f"kv_document_tokens must lie in [1, {len(prompt_ids)}] (the prompt's length)", param="kv_document_tokens")
+        spill = params.kv_spill
+        if spill:
+            if budget is None:
+                raise RequestRejected("kv_spill keeps evicted K/V aside for a later selection, so it needs a kv_budget", param="kv_spill")
+            if not isinstance(policy, SnapKV):
+                raise RequestRejected("kv_spill selects again by the attention the question pays, which only the snapkv and heads "
+                                      "policies (and auto) do: choose one of them or drop kv_spill", param="kv_spill")
+            if not getattr(self.runner, "reread_supported", False):
+                raise RequestRejected("kv_spill reads the question again after its selection, which this model's runner cannot do "
+                                      "(its linear-attention state cannot be rewound): drop kv_spill", param="kv_spill")
         end_point = doc or len(prompt_ids)
+        spill = spill and end_point < len(prompt_ids)  # only a question after the document can re-select
         whole: list[list[int]] | None = None
         whole_blocks = 0
         if budget is not None:
@@ -211,7 +234,7 @@ class Engine:
         gen = torch.Generator()
         gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         r = _Request(rid, list(prompt_ids), params, gen, need, policy=policy, budget=main, end_point=end_point,
-                     steady_need=math.ceil(steady / BLOCK_SIZE) + whole_blocks, whole=whole)
+                     steady_need=math.ceil(steady / BLOCK_SIZE) + whole_blocks, whole=whole, spill=spill)
         if policy is not None and budget is not None:
             r.pstate = policy.new_state(len(self.cache.k))
             r.stats.policy = policy.label
@@ -292,11 +315,17 @@ class Engine:
             logits = self.runner.prefill(self.cache, r.id, torch.tensor(chunk), r.prefilled, query_hook=hook)
             if hook is not None:
                 r.policy.observe(r.pstate, self.cache, r.id, queries, torch.arange(r.prefilled, r.prefilled + len(chunk)), r.prompt_read)
+            if r.spill:
+                self.cache.spill_newest(r.id, r.prefilled, len(chunk))
+                if r.prefilled >= r.end_point:  # a question chunk: its queries choose the survivors again
+                    self._keep_window(r, queries, torch.arange(r.prefilled, r.prefilled + len(chunk)))
             r.prefilled += len(chunk)
             r.next_position = r.prefilled
             r.since_compaction += len(chunk)
             self._maybe_compact(r, after_prefill_chunk=True)
             if r.prefilled == len(r.prompt):
+                if r.reread_logits is not None:  # the question was read again over the re-selected cache
+                    logits, r.reread_logits = r.reread_logits, None
                 produced[r.id] = self._sample(r, logits)
 
         decoding = [r for r in self.running if r.prefilled == len(r.prompt) and r.output and r.id not in produced]
@@ -355,6 +384,8 @@ class Engine:
             self.cache.add(r.id)
             if r.whole:
                 self.cache.add_whole(r.id, r.whole, len(r.prompt) + r.params.max_tokens)
+            if r.spill:
+                r.stats.host_bytes = self.cache.add_host(r.id, len(r.prompt))
             self.running.append(r)
 
     def _maybe_compact(self, r: _Request, after_prefill_chunk: bool) -> None:
@@ -391,6 +422,79 @@ class Engine:
             self.blocks_freed += freed
         if ended_now:
             r.need_blocks = min(r.need_blocks, r.steady_need)  # the prompt-end peak is over: others may use it
+        if r.spill and after_prefill_chunk and r.prefilled == len(r.prompt) and self.cache.host[r.id].length > budget:
+            started = time.perf_counter()
+            freed = self._reselect(r)
+            took = time.perf_counter() - started
+            r.since_compaction = 0
+            r.stats.compactions += 1
+            r.stats.blocks_freed += max(0, freed)
+            r.stats.compaction_s += took
+            self.compaction_s += took
+            self.blocks_freed += max(0, freed)
+
+    def _keep_window(self, r: _Request, queries: list, positions: torch.Tensor) -> None:
+        """Keep the last ``window`` queries (post-RoPE) of the question, per layer."""
+        assert isinstance(r.policy, SnapKV)
+        w = r.policy.window
+        new = [rope(q, positions, r.policy.inv_freq) if q is not None and self.cache.kv_heads[layer] else None for layer, q in enumerate(queries)]
+        old = r.spill_window or [None] * len(new)
+        r.spill_window = [None if q is None else (q if o is None else torch.cat([o, q]))[-w:] for o, q in zip(old, new, strict=True)]
+
+    def _reselect(self, r: _Request) -> int:
+        """Choose the survivors again from every prompt token in the host tier, by the attention the
+        question's last ``window`` tokens pay them, then read those tokens again over the chosen cache
+        (their first reading saw only what the document-end pass kept). Each further round votes with
+        the queries of the latest reading. Returns blocks freed."""
+        policy, state, cache = r.policy, r.pstate, self.cache
+        assert isinstance(policy, SnapKV) and state is not None and r.budget is not None
+        n = len(r.prompt)
+        assert r.spill_window is not None
+        reread = max(0, min(policy.window, r.budget - self.sinks - self.recent, n - r.end_point))
+        first = n - reread
+        window = r.spill_window
+        freed = 0
+        for _ in range(max(1, self.spill_rounds) if reread else 1):
+            rows, kept_scores = self._choose(r, window, first, r.budget - reread)
+            freed += cache.refill(r.id, rows)
+            if not reread:
+                break
+            cache.rewind_whole(r.id, first)
+            queries: list = [None] * len(cache.k)
+            r.reread_logits = self.runner.prefill(cache, r.id, torch.tensor(r.prompt[first:]), first, query_hook=queries.__setitem__)
+            cache.spill_newest(r.id, first, reread)
+            positions = torch.arange(first, n)
+            window = [rope(q, positions, policy.inv_freq) if q is not None and cache.kv_heads[layer] else None for layer, q in enumerate(queries)]
+        state.scores, r.spill_window = kept_scores, None
+        if reread:  # decode-time passes add attention mass to the scores, as after any prompt-end pass
+            policy.observe(state, cache, r.id, queries, torch.arange(first, n), prompt_read=True)
+        return freed
+
+    def _choose(self, r: _Request, window: list, first: int, keep_n: int) -> tuple[list, list]:
+        """Per layer, the host rows before ``first`` that the window's queries (post-RoPE, at the prompt's
+        last positions) attend to most, pooled over neighbours as SnapKV does; and their scores."""
+        policy, cache = r.policy, self.cache
+        assert isinstance(policy, SnapKV)
+        host = cache.host[r.id]
+        n = host.length
+        rows: list = []
+        kept_scores: list[torch.Tensor | None] = []
+        for layer, q in enumerate(window):
+            if q is None or not cache.kv_heads[layer]:
+                rows.append(None)
+                kept_scores.append(None)
+                continue
+            votes = attention_mass(q, host.k[layer][:n].float(), n - q.shape[0], policy.scale)  # (Hkv, n)
+            pooled = torch.nn.functional.max_pool1d(votes[:, None], policy.pool, stride=1, padding=policy.pool // 2)[:, 0, :first]
+            if policy.granularity == "head":
+                keep = [select_keep(s, keep_n, self.sinks, self.recent) for s in pooled]
+                rows.append(keep)
+            else:
+                keep = [select_keep(policy._combine(pooled), keep_n, self.sinks, self.recent)] * pooled.shape[0]
+                rows.append(keep[0])
+            kept_scores.append(torch.stack([pooled[h, kh] for h, kh in enumerate(keep)]))
+        size = next(len(k if isinstance(k[0], int) else k[0]) for k in rows if k is not None)
+        return [k if k is not None else list(range(size)) for k in rows], kept_scores
 
     # --- sampling and output ------------------------------------------------------------------------
 

@@ -156,6 +156,24 @@ class WholeKV:
 
 
 @dataclass
+class HostKV:
+    """Every prompt token's K/V of one sequence, kept in host memory beside the pool (the spill tier).
+
+    Compaction then drops tokens from the pool only: a later pass can bring any of them back by
+    logical position, so no selection made before the question is final. Rows are indexed by
+    logical position and stored in a half-width dtype (host memory is the cheaper tier, not free).
+    """
+
+    k: list[torch.Tensor | None]  # per layer (capacity, Hkv, D), post-RoPE keys
+    v: list[torch.Tensor | None]
+    length: int = 0  # rows written (logical positions 0 .. length - 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in (*self.k, *self.v) if t is not None)
+
+
+@dataclass
 class SequenceBlocks:
     """One sequence's view of the cache."""
 
@@ -183,6 +201,7 @@ class PagedKVCache:
         # it lives and dies with the sequence's blocks.
         self.state: dict[str, object] = {}
         self.whole: dict[str, WholeKV] = {}
+        self.host: dict[str, HostKV] = {}
 
     @property
     def bytes_per_block(self) -> int:
@@ -233,6 +252,78 @@ class PagedKVCache:
                 attn_mask=mask, scale=scale, enable_gqa=True,
             )  # (len(queries), T, D)
             o[row][:, queries] = out.transpose(0, 1).to(o.dtype)
+
+    def add_host(self, seq_id: str, capacity: int, dtype: torch.dtype = torch.float16) -> int:
+        """Keep the K/V of up to ``capacity`` tokens of the sequence in host memory; returns the bytes set aside."""
+        ks = [torch.zeros(capacity, h, self.head_dim, dtype=dtype) if h else None for h in self.kv_heads]
+        vs = [torch.zeros(capacity, h, self.head_dim, dtype=dtype) if h else None for h in self.kv_heads]
+        self.host[seq_id] = host = HostKV(ks, vs)
+        return host.nbytes
+
+    def spill_newest(self, seq_id: str, first_position: int, n: int) -> None:
+        """Copy the K/V of the sequence's ``n`` newest tokens (its last physical slots, the same in every
+        head) to the host tier at logical positions ``first_position`` onward (a re-read overwrites)."""
+        host, seq = self.host[seq_id], self.seqs[seq_id]
+        idx = torch.arange(seq.length - n, seq.length)
+        slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE
+        for layer, (hk, hv) in enumerate(zip(host.k, host.v, strict=True)):
+            if hk is None or hv is None:
+                continue
+            hk[first_position : first_position + n] = self.k[layer].view(-1, *self.k[layer].shape[2:])[slots].to(device="cpu", dtype=hk.dtype)
+            hv[first_position : first_position + n] = self.v[layer].view(-1, *self.v[layer].shape[2:])[slots].to(device="cpu", dtype=hv.dtype)
+        host.length = max(host.length, first_position + n)
+
+    def refill(self, seq_id: str, rows_per_layer: Sequence[Sequence[int] | Sequence[Sequence[int]]]) -> int:
+        """Replace the sequence's pool contents by host rows (logical positions), in the order given.
+
+        A layer's entry is one list (every KV head reads those rows) or one list per KV head, all of
+        the same length m; the sequence then holds m tokens in its leading blocks. Returns the blocks
+        given back to the pool (negative when it had to grow).
+        """
+        host, seq = self.host[seq_id], self.seqs[seq_id]
+        per_layer = [[list(h) for h in rows] if rows and not isinstance(rows[0], int) else [list(rows)] for rows in rows_per_layer]
+        sizes = {len(h) for heads in per_layer for h in heads}
+        if len(per_layer) != len(self.k) or len(sizes) != 1:
+            raise ValueError("a refill needs one row list per layer (or per KV head), all of the same length")
+        m = sizes.pop()
+        if any(r >= host.length for heads in per_layer for h in heads for r in h):
+            raise ValueError(f"a refill asked for a row the host tier does not hold (it holds {host.length})")
+        need = math.ceil(m / BLOCK_SIZE)
+        freed = 0
+        if len(seq.blocks) > need:
+            freed = self.pool.free(seq.blocks[need:])
+            seq.blocks = seq.blocks[:need]
+        elif len(seq.blocks) < need:
+            grow = need - len(seq.blocks)
+            seq.blocks.extend(self.pool.allocate(grow))
+            freed = -grow
+        idx = torch.arange(m)
+        slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE if m else idx
+        for layer, heads in enumerate(per_layer):
+            hk, hv = host.k[layer], host.v[layer]
+            if hk is None or hv is None or not m:
+                continue
+            flat_k = self.k[layer].view(-1, *self.k[layer].shape[2:])
+            flat_v = self.v[layer].view(-1, *self.v[layer].shape[2:])
+            if len(heads) == 1:
+                rows = torch.tensor(heads[0], dtype=torch.long)
+                flat_k[slots] = hk[rows].to(flat_k)
+                flat_v[slots] = hv[rows].to(flat_v)
+                continue
+            if len(heads) != self.kv_heads[layer]:
+                raise ValueError(f"layer {layer} has {self.kv_heads[layer]} KV heads but {len(heads)} row lists")
+            for head, rows_h in enumerate(heads):
+                rows = torch.tensor(rows_h, dtype=torch.long)
+                flat_k[slots, head] = hk[rows, head].to(flat_k)
+                flat_v[slots, head] = hv[rows, head].to(flat_v)
+        seq.length = m
+        return freed
+
+    def rewind_whole(self, seq_id: str, length: int) -> None:
+        """Forget the whole-K/V rows from logical position ``length`` on (they are about to be read again)."""
+        whole = self.whole.get(seq_id)
+        if whole is not None:
+            whole.lengths = [min(n, length) for n in whole.lengths]
 
     def length(self, seq_id: str) -> int:
         return self.seqs[seq_id].length
@@ -321,6 +412,7 @@ class PagedKVCache:
         seq = self.seqs.pop(seq_id, None)
         self.state.pop(seq_id, None)
         whole = self.whole.pop(seq_id, None)
+        self.host.pop(seq_id, None)
         return (self.pool.free(seq.blocks) if seq else 0) + (self.pool.free(whole.reserved) if whole else 0)
 
     def assert_invariants(self) -> None:

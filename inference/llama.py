@@ -35,6 +35,8 @@ class PagedLlama:
     """Llama weights plus a batched forward over a PagedKVCache. Stateless between calls."""
 
     whole_heads_supported = True  # reads ``cache.whole`` (KV heads a compaction policy keeps whole)
+    # A sequence's whole state is its K/V, so its newest tokens can be dropped and read again (kv_spill).
+    reread_supported = True
 
     def __init__(self, hf_model: torch.nn.Module) -> None:
         cfg = hf_model.config

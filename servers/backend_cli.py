@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--kv-budget", type=int, default=None, metavar="N", help="default per-request KV budget in tokens; compaction keeps each sequence near it (default: backend.kv_budget_tokens, unset = full cache)")
     serve.add_argument("--kv-policy", default=None, metavar="NAME",
                        help="default compaction policy: auto, recent, h2o, snapkv, triattention or heads (default: backend.kv_policy, auto)")
+    serve.add_argument("--kv-spill", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep a compacted request's prompt K/V in host memory, so that a question read after its document "
+                            "(kv_document_tokens) chooses the survivors again; snapkv, heads and auto (default: backend.kv_spill, off)")
     serve.add_argument("--heads-file", default=None, metavar="FILE",
                        help="head ranking for the heads policy (default: computed once per model by causal patching and cached in the data home)")
     serve.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="16-token blocks in the KV pool (default 2048)")
@@ -48,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port or cfg.port
     budget = args.kv_budget if args.kv_budget is not None else cfg.kv_budget_tokens
     policy = args.kv_policy or cfg.kv_policy
+    spill = args.kv_spill if args.kv_spill is not None else cfg.kv_spill
 
     from hydrabrain.shared import auth, serving
 
@@ -86,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     if budget is not None and budget < engine.sinks + engine.recent:
         print(f"hydrabrain backend: --kv-budget must be at least {engine.sinks + engine.recent} tokens", file=sys.stderr)
         return 2
-    app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget, default_kv_policy=policy,
+    app = api.build_app(engine, tokenizer, args.name or model, default_kv_budget=budget, default_kv_policy=policy, default_kv_spill=spill,
                         token_verifier=verifier, max_body_bytes=settings.auth.max_body_bytes, body_timeout_s=settings.auth.body_timeout_s,
                         allowed_hosts=settings.auth.allowed_hosts or (LOOPBACK_HOSTS if auth.is_loopback(host) else None))
     print(f"hydrabrain backend: serving {args.name or model} at http://{host}:{port}/v1", file=sys.stderr, flush=True)

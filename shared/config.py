@@ -189,6 +189,9 @@ class BackendConfig(Section):
     kv_policy: Literal["auto", "recent", "h2o", "snapkv", "triattention", "heads"] = Field(
         "auto", description="Default KV compaction policy (which tokens survive a KV budget); auto picks the measured best"
     )
+    kv_spill: bool = Field(
+        False, description="Keep a compacted request's prompt K/V in host memory, so a question after its document (kv_document_tokens) chooses the survivors again"
+    )
     max_batch: int = Field(8, ge=1, description="Most sequences decoded together")
 
 

@@ -86,6 +86,10 @@ def test_a_streamed_completion_ends_with_done(backend):
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_budget": 64, "kv_policy": "lru"}, 400, "kv_policy", "invalid_request"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_budget": 64, "kv_policy": "heads"}, 400, "kv_policy", "invalid_request"),
         ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
+        ("/v1/completions", {"model": MODEL, "prompt": "word " * 40, "kv_document_tokens": 400}, 400, "kv_document_tokens", "invalid_request"),
+        ("/v1/completions", {"model": MODEL, "prompt": "word " * 40, "kv_document_tokens": 30, "kv_spill": True}, 400, "kv_spill", "invalid_request"),
+        ("/v1/completions", {"model": MODEL, "prompt": "word " * 40, "kv_budget": 36, "kv_policy": "recent", "kv_document_tokens": 30,
+                             "kv_spill": True}, 400, "kv_spill", "invalid_request"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors_with_the_right_status(backend, path, payload, status, param, code):
@@ -138,6 +142,17 @@ def test_a_compacted_request_reports_its_policy_and_its_peak_and_steady_kv_in_th
     assert kv["bytes_steady"] <= (64 + 64 + 128) // 16 * per_block + per_block
     plain = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).json()
     assert "kv" not in plain["usage"]  # no budget, no compaction to report
+
+
+def test_a_question_after_a_spilled_document_reports_the_host_bytes_it_kept(backend):
+    client, engine = backend
+    document = client.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 300, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 300 + "what was said?", "max_tokens": 4, "temperature": 0,
+                                                "kv_budget": 64, "kv_policy": "snapkv", "kv_document_tokens": document, "kv_spill": True}).json()
+    kv, prompt = body["usage"]["kv"], body["usage"]["prompt_tokens"]
+    per_token = 2 * engine.cache.head_dim * sum(engine.cache.kv_heads) * 2  # K and V of every KV head, in half precision
+    assert kv["bytes_host"] == prompt * per_token and kv["compactions"] >= 2  # the document's pass, then the question's
+    assert kv["bytes_steady"] <= (64 + 64 + 128) // 16 * engine.cache.bytes_per_block + engine.cache.bytes_per_block
 
 
 def test_a_huge_seed_and_an_oversized_body_get_clear_4xx_errors(backend):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from hydrabrain.inference.engine import Engine, SamplingParams
+from hydrabrain.inference.engine import Engine, RequestRejected, SamplingParams
 from hydrabrain.inference.hydra import PagedHydraHead
 from hydrabrain.inference.model import HydraHeadConfig, HydraHeadForCausalLM
 from hydrabrain.inference.scoring import calibrate
@@ -50,6 +50,14 @@ def test_a_hybrid_model_compacts_its_fa_cache_and_drops_gdn_state_with_the_seque
     assert engine.blocks_freed > 0
     engine.cache.assert_invariants()
     assert engine.cache.pool.num_free == 64 and not engine.cache.state
+
+
+def test_a_hybrid_refuses_to_spill_because_its_gdn_state_cannot_be_rewound_to_read_the_question_again(hydra):
+    _, runner, stats = hydra
+    engine = Engine(runner, None, num_blocks=64, stats=stats, eos_token_ids=[], prefill_chunk=32, recent=32, compaction_interval=32)
+    with pytest.raises(RequestRejected, match="rewound") as info:
+        engine.add_request([7] * 90, SamplingParams(kv_budget=48, kv_policy="snapkv", kv_document_tokens=80, kv_spill=True))
+    assert info.value.param == "kv_spill"
 
 
 @pytest.mark.parametrize(("length", "first"), [(40, 17), (600, 300)], ids=["one_block", "read_whole_a_block_at_a_time"])

@@ -32,6 +32,20 @@ def planted(tiny) -> Planted:
     Every query gets a large component on the slow RoPE pair from dim 1, and only the planted token's
     key has one (from dim 0), so every head of every layer attends to it wherever it sits.
     """
+    return _rewire(tiny, asking=None)
+
+
+QUESTION = range(49100, 49150)  # token ids of the question in the spill tests
+
+
+@pytest.fixture(scope="module")
+def asked(tiny) -> Planted:
+    """As ``planted``, but only question tokens look for the planted token: a document's own queries
+    ignore it, so a selection made where the document ends has no reason to keep it."""
+    return _rewire(tiny, asking=QUESTION)
+
+
+def _rewire(tiny, asking: range | None) -> Planted:
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM(tiny.hf.config)
@@ -40,7 +54,9 @@ def planted(tiny) -> Planted:
     with torch.no_grad():
         emb = hf.model.embed_tokens.weight
         emb[:, 0] = 0.0
-        emb[:, 1] = 0.05
+        emb[:, 1] = 0.05 if asking is None else 0.0
+        if asking is not None:
+            emb[asking.start : asking.stop, 1] = 0.05
         emb[PLANT, 0] = 1.0
         for layer in hf.model.layers:
             a = layer.self_attn
@@ -221,6 +237,8 @@ def test_a_compacted_prompt_end_request_reserves_only_its_budget_and_one_interva
         (SamplingParams(kv_budget=64, kv_policy="snapkv:row"), "kv_policy"),
         (SamplingParams(kv_budget=40, kv_policy="heads"), "kv_budget"),
         (SamplingParams(kv_budget=64, kv_document_tokens=999), "kv_document_tokens"),
+        (SamplingParams(kv_spill=True, kv_document_tokens=200), "kv_spill"),
+        (SamplingParams(kv_budget=64, kv_policy="h2o", kv_spill=True, kv_document_tokens=200), "kv_spill"),
     ],
 )
 def test_an_unknown_policy_or_a_budget_that_cannot_hold_sinks_and_window_is_refused_naming_the_field(planted, params, field):
@@ -228,6 +246,72 @@ def test_an_unknown_policy_or_a_budget_that_cannot_hold_sinks_and_window_is_refu
     with pytest.raises(RequestRejected) as info:
         engine.add_request(_prompt(300, 10), params)
     assert info.value.param == field
+
+
+def _asked_prompt() -> list[int]:
+    """A 300-token document with the planted token at 150, then a 40-token question about it."""
+    question = torch.randint(QUESTION.start, QUESTION.stop, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    return _prompt(300, 150) + question
+
+
+@pytest.mark.parametrize(("policy", "budget"), [("snapkv", 112), ("heads", 112 + 96)])  # heads: one whole KV head takes 96
+def test_a_spilled_document_gives_back_the_token_a_later_question_asks_for(asked, policy, budget):
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, kv_budget=budget, kv_policy=policy, kv_document_tokens=300)
+    plain = _engine(asked, head_ranking=[(1, 0)], whole_heads=1)
+    rid = plain.add_request(_asked_prompt(), params)
+    _run_until(plain, rid, 1)
+    assert not _planted_survives(plain, rid)  # chosen where the document ended, before anyone asked
+
+    spilled = _engine(asked, head_ranking=[(1, 0)], whole_heads=1)
+    rid = spilled.add_request(_asked_prompt(), SamplingParams(**{**vars(params), "kv_spill": True}))
+    _run_until(spilled, rid, 1)
+    assert _planted_survives(spilled, rid)  # the question's attention chose it again from the host tier
+    [r] = spilled.running
+    assert spilled.cache.length(rid) <= 112 + 1 and r.stats.host_bytes == spilled.cache.host[rid].nbytes > 0
+
+
+def test_the_re_selected_cache_holds_the_document_as_first_read_and_the_question_read_over_it(asked):
+    """The rows brought back are the document's K/V as it was read (to half precision), and the question's
+    rows are what reading it over exactly those rows gives: the cache is one the model itself could build."""
+    prompt = _asked_prompt()
+    engine = _engine(asked)
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, kv_budget=112, kv_policy="snapkv:layer",
+                                                    kv_document_tokens=300, kv_spill=True))
+    chosen: list[list[int]] = []  # per layer (one list for every head of it: snapkv:layer)
+    choose = engine._choose
+
+    def spy(r, window, first, keep_n):
+        rows, scores = choose(r, window, first, keep_n)
+        chosen[:] = rows  # the last round's choice stands
+        return rows, scores
+
+    engine._choose = spy
+    while not engine.running or engine.running[0].prefilled < len(prompt):
+        engine.step()
+    reread = 32  # the observation window: the question's last 32 tokens are read again
+    assert all(150 in rows and len(rows) == 112 - reread and max(rows) < len(prompt) - reread for rows in chosen)
+
+    first_read = asked.runner.new_cache(64)
+    first_read.add("doc")
+    asked.runner.prefill(first_read, "doc", torch.tensor(prompt[:300]), 0)
+    for layer, rows in enumerate(chosen):
+        got_k, got_v = engine.cache.gather(layer, rid)
+        want_k, want_v = first_read.gather(layer, "doc")
+        doc_rows = [i for i in rows if i < 300]
+        at = [rows.index(i) for i in doc_rows]
+        torch.testing.assert_close(got_k[at], want_k[doc_rows], atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(got_v[at], want_v[doc_rows], atol=2e-2, rtol=1e-2)
+
+    rebuilt = asked.runner.new_cache(64)
+    rebuilt.add("q")
+    slots = rebuilt.append_slots("q", 112 - reread)
+    host = engine.cache.host[rid]
+    for layer, rows in enumerate(chosen):
+        rebuilt.write(layer, slots, host.k[layer][rows].float(), host.v[layer][rows].float())
+    asked.runner.prefill(rebuilt, "q", torch.tensor(prompt[-reread:]), len(prompt) - reread)
+    for layer in range(len(rebuilt.k)):
+        torch.testing.assert_close(engine.cache.gather(layer, rid)[0], rebuilt.gather(layer, "q")[0])
+    engine.cache.assert_invariants()
 
 
 def test_a_ranking_file_is_read_best_first_and_a_greedy_one_in_the_order_chosen(tmp_path):
