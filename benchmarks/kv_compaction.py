@@ -12,7 +12,11 @@ fails the question form:
 Two settings per needle task, on the very same tokens: ``question_in_prompt`` (the prompt-end pass
 runs after the question, so query-aware selection can see it) and ``question_after`` (the pass runs
 where the document ends, ``kv_document_tokens``: the question arrives after compaction, as when one
-cached document serves several questions). Every policy and the full cache run in the same process
+cached document serves several questions). A policy named ``NAME+spill`` (``heads+spill``) runs with
+``kv_spill``: the prompt's K/V also goes to a host tier, and once the question has been read the
+survivors are chosen again by its attention and it is read anew over them (in ``question_in_prompt``
+it changes nothing: the prompt-end pass already sees the question). ``kv_bytes_host`` reports that
+tier. Every policy and the full cache run in the same process
 through the same engine. KV bytes count blocks held (reserved whole-K/V blocks included) at the peak
 and in steady state (while decoding).
 
@@ -236,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--whole-heads", type=int, default=3, metavar="N", help="KV heads the heads policy keeps whole")
+    parser.add_argument("--spill-rounds", type=int, default=None, metavar="N",
+                        help="re-selections after a question that follows a spilled document (policies named NAME+spill; default: the engine's)")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
     parser.add_argument("--concurrency-pool", type=int, default=600, help="blocks in that pool")
     parser.add_argument("--concurrency-tokens", type=int, default=16, help="tokens each of those requests decodes; longer keeps early requests running while later ones are read")
@@ -259,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     calibration = " ".join(Filler(prose_paragraphs(args.filler, "train"), tok).take(random.Random(99), args.calibration_tokens))
 
     def make_engine(blocks: int):
-        return create_engine(args.model, num_blocks=blocks, max_batch=args.max_batch, prefill_chunk=args.chunk, heads_file=args.heads_file,
-                             rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads)[0]
+        engine = create_engine(args.model, num_blocks=blocks, max_batch=args.max_batch, prefill_chunk=args.chunk, heads_file=args.heads_file,
+                               rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads)[0]
+        if args.spill_rounds is not None:
+            engine.spill_rounds = args.spill_rounds
+        return engine
 
     engine = make_engine(8 * (max(args.lengths) + 128) // 16 + 64)
     load_s = time.perf_counter() - t0
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "compaction_interval": engine.compaction_interval, "sinks": engine.sinks, "recent": engine.recent,
         "snapkv_window": engine.snapkv_window, "snapkv_pool": engine.snapkv_pool,
         "whole_heads": engine.head_ranking[: engine.whole_heads] if engine.head_ranking else None,
-        "auto": engine.auto_policy, "samples": args.samples,
+        "auto": engine.auto_policy, "samples": args.samples, "spill_rounds": engine.spill_rounds,
     }
     cells: list[dict] = []
     extra: dict = {}

@@ -48,11 +48,12 @@ class SamplingParams:
     # The first N prompt tokens are a document read before any question: prompt-end policies select
     # there, so the question that follows cannot guide them (one cached document, several questions).
     kv_document_tokens: int | None = None
-    # With kv_document_tokens: the prompt's K/V is also kept in a host tier, so the selection made where
-    # the document ends is not final: once the question has been read, the survivors are chosen again
-    # from every prompt token by the attention the question pays them, and the question is read anew
-    # over them. Needs a query-aware policy (snapkv, heads) and a runner that can re-read; without
-    # kv_document_tokens the question is already in the prompt-end pass and nothing is spilled.
+    # The prompt's K/V goes to a host tier as it is read, and prefill reads its history from there: the
+    # pool holds one chunk until the prompt-end pass chooses the survivors from every token, so the
+    # peak is bounded as a streaming policy's while the choice is the prompt-end one. With
+    # kv_document_tokens the choice made where the document ends is not final either: once the
+    # question has been read, the survivors are chosen again by the attention it pays, and it is read
+    # anew over them. Needs a query-aware policy (snapkv, heads) and a runner that can re-read.
     kv_spill: bool = False
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
 
@@ -95,7 +96,7 @@ class _Request:
     steady_need: int = 0
     whole: list[list[int]] | None = None  # per layer, KV heads kept whole
     prompt_read: bool = False
-    spill: bool = False  # kv_spill with a document: the prompt's K/V is kept in the host tier
+    spill: bool = False  # kv_spill: the prompt's K/V is kept in the host tier
     spill_window: list | None = None  # per layer, the question's last queries (post-RoPE), for the re-selection
     reread_logits: torch.Tensor | None = None  # the last prompt token's logits after the spill re-selection
     output: list[int] = field(default_factory=list)
@@ -185,7 +186,13 @@ class Engine:
             )
         total = len(prompt_ids) + params.max_tokens
         budget = params.kv_budget
-        policy = self.policy(params.kv_policy or self.kv_policy) if budget is not None or params.kv_policy else None
+        spec = params.kv_policy or self.kv_policy
+        name, _, option = spec.strip().lower().partition(":")
+        if params.kv_spill and name == "auto":
+            # Measured with a question after the document (benchmarks/kv_compaction.md): snapkv re-selects
+            # better than heads there, whose whole heads leave the other heads less of the budget.
+            spec = "snapkv" + (f":{option}" if option else "")
+        policy = self.policy(spec) if budget is not None or params.kv_policy else None
         doc = params.kv_document_tokens
         if doc is not None and not 0 < doc <= len(prompt_ids):
             raise RequestRejected(f"kv_document_tokens must lie in [1, {len(prompt_ids)}] (the prompt's length)", param="kv_document_tokens")
@@ -200,7 +207,6 @@ class Engine:
                 raise RequestRejected("kv_spill reads the question again after its selection, which this model's runner cannot do "
                                       "(its linear-attention state cannot be rewound): drop kv_spill", param="kv_spill")
         end_point = doc or len(prompt_ids)
-        spill = spill and end_point < len(prompt_ids)  # only a question after the document can re-select
         whole: list[list[int]] | None = None
         whole_blocks = 0
         if budget is not None:
@@ -224,7 +230,8 @@ class Engine:
             # its prefill chunks can land just before a pass is due
             follows = min(self.prefill_chunk, len(prompt_ids) - end_point)
             steady = min(total, main + self.compaction_interval + follows + 1)
-            worst = max(min(total, end_point), steady)
+            # a spilling request reads its prompt a chunk at a time against the host tier
+            worst = max(min(total, self.prefill_chunk if spill else end_point), steady)
         need = math.ceil(worst / BLOCK_SIZE) + whole_blocks
         if need > self.cache.pool.num_blocks:
             raise RequestRejected(
@@ -386,6 +393,7 @@ class Engine:
                 self.cache.add_whole(r.id, r.whole, len(r.prompt) + r.params.max_tokens)
             if r.spill:
                 r.stats.host_bytes = self.cache.add_host(r.id, len(r.prompt))
+                self.cache.host_reading.add(r.id)
             self.running.append(r)
 
     def _maybe_compact(self, r: _Request, after_prefill_chunk: bool) -> None:
@@ -396,6 +404,9 @@ class Engine:
         r.prompt_read = r.prompt_read or ended_now
         budget, policy = r.budget, r.policy
         if budget is None or policy is None or r.pstate is None:
+            return
+        if r.spill:
+            self._spill_pass(r, ended_now, after_prefill_chunk)
             return
         if ended_now:
             policy.end_of_prompt(r.pstate, self.cache, r.id)
@@ -422,16 +433,36 @@ class Engine:
             self.blocks_freed += freed
         if ended_now:
             r.need_blocks = min(r.need_blocks, r.steady_need)  # the prompt-end peak is over: others may use it
-        if r.spill and after_prefill_chunk and r.prefilled == len(r.prompt) and self.cache.host[r.id].length > budget:
-            started = time.perf_counter()
+
+    def _spill_pass(self, r: _Request, ended_now: bool, after_prefill_chunk: bool) -> None:
+        """A spilling request's passes: while the document is read the pool lets each chunk go (the host
+        tier has it); where it ends, the survivors are chosen from every token; a question read after
+        it chooses them again (``_reselect``); decode-time passes are the policy's own."""
+        budget, policy, state, cache = r.budget, r.policy, r.pstate, self.cache
+        assert budget is not None and policy is not None and state is not None
+        started = time.perf_counter()
+        if ended_now:
+            cache.host_reading.discard(r.id)
+            rows, state.scores = self._choose(r, state.window, r.end_point, budget)
+            freed = cache.refill(r.id, rows)
+            state.window, state.window_len = [None] * len(state.window), 0
+            r.need_blocks = min(r.need_blocks, r.steady_need)
+        elif r.id in cache.host_reading:
+            cache.refill(r.id, [[] for _ in cache.k])  # not a selection: the chunk is kept in the host tier
+            return
+        elif after_prefill_chunk and r.prefilled == len(r.prompt) and cache.host[r.id].length > budget:
             freed = self._reselect(r)
-            took = time.perf_counter() - started
-            r.since_compaction = 0
-            r.stats.compactions += 1
-            r.stats.blocks_freed += max(0, freed)
-            r.stats.compaction_s += took
-            self.compaction_s += took
-            self.blocks_freed += max(0, freed)
+        elif r.prompt_read and cache.length(r.id) > budget and r.since_compaction >= self.compaction_interval:
+            freed = cache.compact(r.id, policy.plan(state, cache, r.id, r.next_position, budget))
+        else:
+            return
+        took = time.perf_counter() - started
+        r.since_compaction = 0
+        r.stats.compactions += 1
+        r.stats.blocks_freed += max(0, freed)
+        r.stats.compaction_s += took
+        self.compaction_s += took
+        self.blocks_freed += max(0, freed)
 
     def _keep_window(self, r: _Request, queries: list, positions: torch.Tensor) -> None:
         """Keep the last ``window`` queries (post-RoPE) of the question, per layer."""

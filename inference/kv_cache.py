@@ -202,6 +202,9 @@ class PagedKVCache:
         self.state: dict[str, object] = {}
         self.whole: dict[str, WholeKV] = {}
         self.host: dict[str, HostKV] = {}
+        # Sequences whose prefill reads its history from the host tier: the pool then holds only the
+        # chunk being read, and the selection at the end of the prompt has every token to choose from.
+        self.host_reading: set[str] = set()
 
     @property
     def bytes_per_block(self) -> int:
@@ -259,6 +262,17 @@ class PagedKVCache:
         vs = [torch.zeros(capacity, h, self.head_dim, dtype=dtype) if h else None for h in self.kv_heads]
         self.host[seq_id] = host = HostKV(ks, vs)
         return host.nbytes
+
+    def host_history(self, layer: int, seq_id: str, upto: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host tier's K/V of logical positions ``0 .. upto - 1`` of one layer, (upto, Hkv, D) each."""
+        host = self.host[seq_id]
+        if upto > host.length:
+            raise ValueError(f"the host tier holds {host.length} tokens of {seq_id!r}, not {upto}")
+        k, v = host.k[layer], host.v[layer]
+        if k is None or v is None:
+            empty = torch.zeros(upto, 0, self.head_dim, dtype=dtype, device=device)
+            return empty, empty
+        return k[:upto].to(device=device, dtype=dtype), v[:upto].to(device=device, dtype=dtype)
 
     def spill_newest(self, seq_id: str, first_position: int, n: int) -> None:
         """Copy the K/V of the sequence's ``n`` newest tokens (its last physical slots, the same in every
@@ -413,6 +427,7 @@ class PagedKVCache:
         self.state.pop(seq_id, None)
         whole = self.whole.pop(seq_id, None)
         self.host.pop(seq_id, None)
+        self.host_reading.discard(seq_id)
         return (self.pool.free(seq.blocks) if seq else 0) + (self.pool.free(whole.reserved) if whole else 0)
 
     def assert_invariants(self) -> None:

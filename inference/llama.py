@@ -142,10 +142,14 @@ class PagedLlama:
         """
         t = tokens.shape[0]
         history = cache.length(seq_id)
+        # A sequence read through the host tier (kv_spill) attends to every earlier token kept there,
+        # in logical order; the pool holds only this chunk.
+        from_host = seq_id in cache.host_reading and start_position > 0
+        past = start_position if from_host else history
         slots = cache.append_slots(seq_id, t)
         cos, sin = self._angles(torch.arange(start_position, start_position + t))
-        # Query i sits at physical index history + i and sees every physical index up to it.
-        mask = torch.arange(history + t)[None, :] <= (history + torch.arange(t))[:, None]  # (T, L)
+        # Query i sits at index past + i of what it attends to and sees every index up to it.
+        mask = torch.arange(past + t)[None, :] <= (past + torch.arange(t))[:, None]  # (T, L)
         x = self.embed[tokens]  # (T, hidden)
         for i, w in enumerate(self.layers):
             q, k, v = self._qkv(self._norm(x, w.attn_norm), w)
@@ -153,7 +157,11 @@ class PagedLlama:
                 query_hook(i, q)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             cache.write(i, slots, k, v)
-            k_all, v_all = cache.gather(i, seq_id) if history else (k, v)  # (L, Hkv, D)
+            if from_host:
+                hk, hv = cache.host_history(i, seq_id, start_position, k.dtype, k.device)
+                k_all, v_all = torch.cat([hk, k]), torch.cat([hv, v])
+            else:
+                k_all, v_all = cache.gather(i, seq_id) if history else (k, v)  # (L, Hkv, D)
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1), k_all.transpose(0, 1), v_all.transpose(0, 1), attn_mask=mask, scale=self.scale, enable_gqa=True
             ).transpose(0, 1)  # (T, Hq, D)

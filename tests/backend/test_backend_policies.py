@@ -270,6 +270,46 @@ def test_a_spilled_document_gives_back_the_token_a_later_question_asks_for(asked
     assert spilled.cache.length(rid) <= 112 + 1 and r.stats.host_bytes == spilled.cache.host[rid].nbytes > 0
 
 
+def test_auto_spills_with_snapkv_where_whole_heads_would_leave_the_rest_too_little(asked):
+    engine = _engine(asked, head_ranking=[(1, 0)], whole_heads=1)
+    rid = engine.add_request(_asked_prompt(), SamplingParams(max_tokens=2, kv_budget=208, kv_document_tokens=300, kv_spill=True))
+    while engine.has_work:
+        engine.step()
+    assert engine.auto_policy == "heads"
+    assert engine.finished_stats[rid].policy == "snapkv" and engine.finished_stats[rid].host_bytes > 0
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "heads"])
+def test_a_spilling_request_reads_its_prompt_a_chunk_at_a_time_yet_chooses_from_all_of_it(planted, policy):
+    budget = 96 + (96 if policy == "heads" else 0)  # heads: one whole KV head takes 96
+    held: dict[bool, int] = {}
+    for spill in (False, True):
+        engine = _engine(planted, head_ranking=[(1, 0)], whole_heads=1)
+        rid = engine.add_request(_prompt(300, 150), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, kv_budget=budget,
+                                                                   kv_policy=policy, kv_spill=spill))
+        _run_until(engine, rid, 1)
+        assert _planted_survives(engine, rid)  # chosen from every prompt token either way
+        _run_until(engine, rid, 39)
+        held[spill] = engine.finished_stats[rid].peak_blocks - engine.finished_stats[rid].whole_blocks
+        engine.cache.assert_invariants()
+        assert engine.cache.pool.num_free == engine.cache.pool.num_blocks
+    assert held[False] == math.ceil(300 / BLOCK_SIZE)  # the prompt-end peak: the whole prompt
+    assert held[True] <= math.ceil((96 + 32 + 1) / BLOCK_SIZE)  # one 64-token chunk, then the budget and an interval
+
+
+def test_two_spilling_requests_run_together_in_a_pool_smaller_than_one_of_their_prompts(planted):
+    steady = math.ceil((64 + 32 + 1) / BLOCK_SIZE)  # budget, one compaction interval, the token being decoded
+    engine = _engine(planted, num_blocks=2 * steady)  # a 400-token prompt alone would need 25 blocks
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, kv_budget=64, kv_policy="snapkv", kv_spill=True)
+    first = engine.add_request(_prompt(400, 200), params)
+    second = engine.add_request(_prompt(400, 100), params)
+    _run_until(engine, first, 5)
+    assert {r.id for r in engine.running} == {first, second}
+    while engine.has_work:
+        engine.step()
+    assert all(engine.finished_stats[rid].peak_blocks <= steady for rid in (first, second))
+
+
 def test_the_re_selected_cache_holds_the_document_as_first_read_and_the_question_read_over_it(asked):
     """The rows brought back are the document's K/V as it was read (to half precision), and the question's
     rows are what reading it over exactly those rows gives: the cache is one the model itself could build."""
