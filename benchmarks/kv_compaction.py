@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--whole-heads", type=int, default=3, metavar="N", help="KV heads the heads policy keeps whole")
+    parser.add_argument("--spill-format", default="float16", choices=("float16", "int8"), help="how the host tier stores K/V (NAME+spill policies)")
     parser.add_argument("--spill-rounds", type=int, default=None, metavar="N",
                         help="re-selections after a question that follows a spilled document (policies named NAME+spill; default: the engine's)")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                                rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads)[0]
         if args.spill_rounds is not None:
             engine.spill_rounds = args.spill_rounds
+        engine.spill_format = args.spill_format
         return engine
 
     engine = make_engine(8 * (max(args.lengths) + 128) // 16 + 64)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "compaction_interval": engine.compaction_interval, "sinks": engine.sinks, "recent": engine.recent,
         "snapkv_window": engine.snapkv_window, "snapkv_pool": engine.snapkv_pool,
         "whole_heads": engine.head_ranking[: engine.whole_heads] if engine.head_ranking else None,
-        "auto": engine.auto_policy, "samples": args.samples, "spill_rounds": engine.spill_rounds,
+        "auto": engine.auto_policy, "samples": args.samples, "spill_rounds": engine.spill_rounds, "spill_format": engine.spill_format,
     }
     cells: list[dict] = []
     extra: dict = {}

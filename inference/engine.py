@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from hydrabrain.inference.kv_cache import BLOCK_SIZE
+from hydrabrain.inference.kv_cache import BLOCK_SIZE, HostKV
 from hydrabrain.inference.policies import H2O, Heads, Policy, PolicyState, Recent, SnapKV, TriAttention, UnknownPolicy, attention_mass, parse_policy, rope
 from hydrabrain.inference.scoring import QueryStats, select_keep
 
@@ -133,6 +133,7 @@ class Engine:
         snapkv_window: int = 32,
         snapkv_pool: int = 7,
         spill_rounds: int = 2,
+        spill_format: str = "float16",
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -148,6 +149,8 @@ class Engine:
         self.whole_heads = whole_heads
         self.snapkv_window, self.snapkv_pool = snapkv_window, snapkv_pool
         self.spill_rounds = spill_rounds  # re-selections after a question that follows a spilled document
+        self.spill_format = spill_format  # how the host tier stores K/V: float16, or int8 with per-row scales
+        HostKV(self.cache.kv_heads, self.cache.head_dim, 0, spill_format)  # an unknown format fails at start-up
         self._policies: dict[str, Policy] = {}
         self._decode_hook = "query_hook" in inspect.signature(runner.decode).parameters
         self.kv_policy = kv_policy
@@ -392,7 +395,7 @@ class Engine:
             if r.whole:
                 self.cache.add_whole(r.id, r.whole, len(r.prompt) + r.params.max_tokens)
             if r.spill:
-                r.stats.host_bytes = self.cache.add_host(r.id, len(r.prompt))
+                r.stats.host_bytes = self.cache.add_host(r.id, len(r.prompt), self.spill_format)
                 self.cache.host_reading.add(r.id)
             self.running.append(r)
 
@@ -515,7 +518,7 @@ class Engine:
                 rows.append(None)
                 kept_scores.append(None)
                 continue
-            votes = attention_mass(q, host.k[layer][:n].float(), n - q.shape[0], policy.scale)  # (Hkv, n)
+            votes = attention_mass(q, host.read(layer, slice(0, n))[0], n - q.shape[0], policy.scale)  # (Hkv, n)
             pooled = torch.nn.functional.max_pool1d(votes[:, None], policy.pool, stride=1, padding=policy.pool // 2)[:, 0, :first]
             if policy.granularity == "head":
                 keep = [select_keep(s, keep_n, self.sinks, self.recent) for s in pooled]

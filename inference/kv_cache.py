@@ -155,22 +155,57 @@ class WholeKV:
     reserved: list[int]  # pool blocks held for these bytes
 
 
-@dataclass
 class HostKV:
     """Every prompt token's K/V of one sequence, kept in host memory beside the pool (the spill tier).
 
     Compaction then drops tokens from the pool only: a later pass can bring any of them back by
-    logical position, so no selection made before the question is final. Rows are indexed by
-    logical position and stored in a half-width dtype (host memory is the cheaper tier, not free).
+    logical position, so no selection made before the question is final. Rows are indexed by logical
+    position, in a narrower format than the pool (host memory is the cheaper tier, not a free one):
+    ``float16``, or ``int8`` with one float16 scale per token and KV head (symmetric, round to nearest).
     """
 
-    k: list[torch.Tensor | None]  # per layer (capacity, Hkv, D), post-RoPE keys
-    v: list[torch.Tensor | None]
-    length: int = 0  # rows written (logical positions 0 .. length - 1)
+    FORMATS = ("float16", "int8")
+
+    def __init__(self, kv_heads: Sequence[int], head_dim: int, capacity: int, fmt: str = "float16") -> None:
+        if fmt not in self.FORMATS:
+            raise ValueError(f"unknown host KV format {fmt!r}; use one of {', '.join(self.FORMATS)}")
+        self.format = fmt
+        dtype = torch.int8 if fmt == "int8" else torch.float16
+        self.k = [torch.zeros(capacity, h, head_dim, dtype=dtype) if h else None for h in kv_heads]
+        self.v = [torch.zeros(capacity, h, head_dim, dtype=dtype) if h else None for h in kv_heads]
+        scales = [torch.zeros(capacity, h, 1, dtype=torch.float16) if h and fmt == "int8" else None for h in kv_heads]
+        self.k_scale, self.v_scale = scales, [None if t is None else t.clone() for t in scales]
+        self.length = 0  # rows written (logical positions 0 .. length - 1)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (*self.k, *self.v) if t is not None)
+        return sum(t.element_size() * t.numel() for t in (*self.k, *self.v, *self.k_scale, *self.v_scale) if t is not None)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store rows (N, Hkv, D) of one layer at logical positions ``start`` onward."""
+        for store, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            target = store[layer]
+            assert target is not None
+            x = x.to(device="cpu", dtype=torch.float32)
+            if self.format == "int8":
+                s = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8).to(torch.float16)
+                target[start : start + x.shape[0]] = torch.round(x / s.float()).clamp(-127, 127).to(torch.int8)
+                scale[layer][start : start + x.shape[0]] = s  # type: ignore[index]
+            else:
+                target[start : start + x.shape[0]] = x.to(target.dtype)
+        self.length = max(self.length, start + k.shape[0])
+
+    def read(self, layer: int, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of one layer as float32, (N, Hkv, D) each: an index tensor or a slice of positions."""
+        out = []
+        for store, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            target = store[layer]
+            assert target is not None
+            x = target[rows].float()
+            if self.format == "int8":
+                x = x * scale[layer][rows].float()  # type: ignore[index]
+            out.append(x)
+        return out[0], out[1]
 
 
 @dataclass
@@ -256,11 +291,9 @@ class PagedKVCache:
             )  # (len(queries), T, D)
             o[row][:, queries] = out.transpose(0, 1).to(o.dtype)
 
-    def add_host(self, seq_id: str, capacity: int, dtype: torch.dtype = torch.float16) -> int:
+    def add_host(self, seq_id: str, capacity: int, fmt: str = "float16") -> int:
         """Keep the K/V of up to ``capacity`` tokens of the sequence in host memory; returns the bytes set aside."""
-        ks = [torch.zeros(capacity, h, self.head_dim, dtype=dtype) if h else None for h in self.kv_heads]
-        vs = [torch.zeros(capacity, h, self.head_dim, dtype=dtype) if h else None for h in self.kv_heads]
-        self.host[seq_id] = host = HostKV(ks, vs)
+        self.host[seq_id] = host = HostKV(self.kv_heads, self.head_dim, capacity, fmt)
         return host.nbytes
 
     def host_history(self, layer: int, seq_id: str, upto: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,11 +301,11 @@ class PagedKVCache:
         host = self.host[seq_id]
         if upto > host.length:
             raise ValueError(f"the host tier holds {host.length} tokens of {seq_id!r}, not {upto}")
-        k, v = host.k[layer], host.v[layer]
-        if k is None or v is None:
+        if not self.kv_heads[layer]:
             empty = torch.zeros(upto, 0, self.head_dim, dtype=dtype, device=device)
             return empty, empty
-        return k[:upto].to(device=device, dtype=dtype), v[:upto].to(device=device, dtype=dtype)
+        k, v = host.read(layer, slice(0, upto))
+        return k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
 
     def spill_newest(self, seq_id: str, first_position: int, n: int) -> None:
         """Copy the K/V of the sequence's ``n`` newest tokens (its last physical slots, the same in every
@@ -280,11 +313,10 @@ class PagedKVCache:
         host, seq = self.host[seq_id], self.seqs[seq_id]
         idx = torch.arange(seq.length - n, seq.length)
         slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE
-        for layer, (hk, hv) in enumerate(zip(host.k, host.v, strict=True)):
-            if hk is None or hv is None:
-                continue
-            hk[first_position : first_position + n] = self.k[layer].view(-1, *self.k[layer].shape[2:])[slots].to(device="cpu", dtype=hk.dtype)
-            hv[first_position : first_position + n] = self.v[layer].view(-1, *self.v[layer].shape[2:])[slots].to(device="cpu", dtype=hv.dtype)
+        for layer, heads in enumerate(self.kv_heads):
+            if heads:
+                host.write(layer, first_position, self.k[layer].view(-1, *self.k[layer].shape[2:])[slots],
+                           self.v[layer].view(-1, *self.v[layer].shape[2:])[slots])
         host.length = max(host.length, first_position + n)
 
     def refill(self, seq_id: str, rows_per_layer: Sequence[Sequence[int] | Sequence[Sequence[int]]]) -> int:
@@ -314,22 +346,19 @@ class PagedKVCache:
         idx = torch.arange(m)
         slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE if m else idx
         for layer, heads in enumerate(per_layer):
-            hk, hv = host.k[layer], host.v[layer]
-            if hk is None or hv is None or not m:
+            if not self.kv_heads[layer] or not m:
                 continue
             flat_k = self.k[layer].view(-1, *self.k[layer].shape[2:])
             flat_v = self.v[layer].view(-1, *self.v[layer].shape[2:])
             if len(heads) == 1:
-                rows = torch.tensor(heads[0], dtype=torch.long)
-                flat_k[slots] = hk[rows].to(flat_k)
-                flat_v[slots] = hv[rows].to(flat_v)
+                k, v = host.read(layer, torch.tensor(heads[0], dtype=torch.long))
+                flat_k[slots], flat_v[slots] = k.to(flat_k), v.to(flat_v)
                 continue
             if len(heads) != self.kv_heads[layer]:
                 raise ValueError(f"layer {layer} has {self.kv_heads[layer]} KV heads but {len(heads)} row lists")
             for head, rows_h in enumerate(heads):
-                rows = torch.tensor(rows_h, dtype=torch.long)
-                flat_k[slots, head] = hk[rows, head].to(flat_k)
-                flat_v[slots, head] = hv[rows, head].to(flat_v)
+                k, v = host.read(layer, torch.tensor(rows_h, dtype=torch.long))
+                flat_k[slots, head], flat_v[slots, head] = k[:, head].to(flat_k), v[:, head].to(flat_v)
         seq.length = m
         return freed
 

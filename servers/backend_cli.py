@@ -26,8 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--kv-policy", default=None, metavar="NAME",
                        help="default compaction policy: auto, recent, h2o, snapkv, triattention or heads (default: backend.kv_policy, auto)")
     serve.add_argument("--kv-spill", action=argparse.BooleanOptionalAction, default=None,
-                       help="keep a compacted request's prompt K/V in host memory, so that a question read after its document "
-                            "(kv_document_tokens) chooses the survivors again; snapkv, heads and auto (default: backend.kv_spill, off)")
+                       help="keep a compacted request's prompt K/V in host memory: its prompt is read a chunk at a time (the pool's "
+                            "peak is its budget), and a question read after its document (kv_document_tokens) chooses the survivors "
+                            "again; snapkv, heads and auto (default: backend.kv_spill, off)")
+    serve.add_argument("--kv-spill-format", default=None, choices=("float16", "int8"),
+                       help="how that host tier stores K/V (default: backend.kv_spill_format, float16)")
     serve.add_argument("--heads-file", default=None, metavar="FILE",
                        help="head ranking for the heads policy (default: computed once per model by causal patching and cached in the data home)")
     serve.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="16-token blocks in the KV pool (default 2048)")
@@ -80,7 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"hydrabrain backend: ranking {model}'s heads by causal patching once (cached in {heads_file})", file=sys.stderr, flush=True)
     try:
         engine, tokenizer = api.create_engine(model, num_blocks=args.kv_blocks, max_batch=args.max_batch or cfg.max_batch,
-                                              kv_policy=policy, heads_file=heads_file, rank_if_missing=rank)
+                                              kv_policy=policy, heads_file=heads_file, rank_if_missing=rank,
+                                              spill_format=args.kv_spill_format or cfg.kv_spill_format)
     except ModelNotFound as exc:
         print(f"hydrabrain backend: {exc}", file=sys.stderr)
         return 2

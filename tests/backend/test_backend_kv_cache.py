@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hydrabrain.inference.kv_cache import BLOCK_SIZE, BlockPool, OutOfBlocks, PagedKVCache, blocks_emptied_by_eviction, compaction_remap
+from hydrabrain.inference.kv_cache import BLOCK_SIZE, BlockPool, HostKV, OutOfBlocks, PagedKVCache, blocks_emptied_by_eviction, compaction_remap
 
 
 def _fill(cache: PagedKVCache, seq_id: str, n: int) -> None:
@@ -123,3 +123,21 @@ def test_the_remap_rejects_unsorted_or_out_of_range_choices():
         compaction_remap([0, 1], 20, [5, 20])
     with pytest.raises(ValueError, match="cannot hold"):
         compaction_remap([0], 20, [1])
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("float16", 1e-3), ("int8", 1 / 127)])
+def test_the_host_tier_gives_rows_back_as_written_to_its_format_precision(fmt, tolerance):
+    host = HostKV([2, 0, 2], head_dim=8, capacity=40, fmt=fmt)
+    k, v = torch.randn(30, 2, 8) * 5, torch.randn(30, 2, 8)
+    host.write(0, 10, k, v)
+    got_k, got_v = host.read(0, torch.arange(10, 40))
+    assert host.length == 40 and host.k[1] is None  # a layer without K/V heads holds nothing
+    for got, want in ((got_k, k), (got_v, v)):
+        assert bool(((got - want).abs() <= tolerance * want.abs().amax(-1, keepdim=True) + 1e-6).all())
+    fp16 = HostKV([2, 0, 2], head_dim=8, capacity=40).nbytes
+    assert host.nbytes == fp16 if fmt == "float16" else host.nbytes == fp16 * (8 + 2) // 16  # int8 rows plus one scale each
+
+
+def test_an_unknown_host_format_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="float16, int8"):
+        HostKV([2], head_dim=8, capacity=4, fmt="int4")

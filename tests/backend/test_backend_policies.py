@@ -347,7 +347,7 @@ def test_the_re_selected_cache_holds_the_document_as_first_read_and_the_question
     slots = rebuilt.append_slots("q", 112 - reread)
     host = engine.cache.host[rid]
     for layer, rows in enumerate(chosen):
-        rebuilt.write(layer, slots, host.k[layer][rows].float(), host.v[layer][rows].float())
+        rebuilt.write(layer, slots, *host.read(layer, torch.tensor(rows)))
     asked.runner.prefill(rebuilt, "q", torch.tensor(prompt[-reread:]), len(prompt) - reread)
     for layer in range(len(rebuilt.k)):
         torch.testing.assert_close(engine.cache.gather(layer, rid)[0], rebuilt.gather(layer, "q")[0])
