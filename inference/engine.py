@@ -79,7 +79,7 @@ class RequestStats:
     steady_blocks: int = 0  # most blocks held once the prompt had been read (while decoding)
     whole_blocks: int = 0  # blocks reserved for whole-K/V heads (the heads policy)
     compaction_s: float = 0.0
-    host_bytes: int = 0  # host memory holding the prompt's K/V (kv_spill)
+    host_bytes: int = 0  # host memory the prompt's K/V took while it was read, until the last choice (kv_spill)
 
 
 @dataclass
@@ -450,11 +450,14 @@ class Engine:
             freed = cache.refill(r.id, rows)
             state.window, state.window_len = [None] * len(state.window), 0
             r.need_blocks = min(r.need_blocks, r.steady_need)
+            if r.end_point == len(r.prompt):
+                cache.host.pop(r.id)  # no question follows: the choice is final and the host copy goes
         elif r.id in cache.host_reading:
             cache.refill(r.id, [[] for _ in cache.k])  # not a selection: the chunk is kept in the host tier
             return
-        elif after_prefill_chunk and r.prefilled == len(r.prompt) and cache.host[r.id].length > budget:
+        elif r.id in cache.host and after_prefill_chunk and r.prefilled == len(r.prompt):
             freed = self._reselect(r)
+            cache.host.pop(r.id)  # the question has chosen: nothing will be chosen again
         elif r.prompt_read and cache.length(r.id) > budget and r.since_compaction >= self.compaction_interval:
             freed = cache.compact(r.id, policy.plan(state, cache, r.id, r.next_position, budget))
         else:
