@@ -191,12 +191,12 @@ class Engine:
         budget = params.kv_budget
         spec = params.kv_policy or self.kv_policy
         name, _, option = spec.strip().lower().partition(":")
-        if params.kv_spill and name == "auto":
+        doc = params.kv_document_tokens
+        if params.kv_spill and name == "auto" and doc is not None and doc < len(prompt_ids):
             # Measured with a question after the document (benchmarks/kv_compaction.md): snapkv re-selects
             # better than heads there, whose whole heads leave the other heads less of the budget.
             spec = "snapkv" + (f":{option}" if option else "")
         policy = self.policy(spec) if budget is not None or params.kv_policy else None
-        doc = params.kv_document_tokens
         if doc is not None and not 0 < doc <= len(prompt_ids):
             raise RequestRejected(f"kv_document_tokens must lie in [1, {len(prompt_ids)}] (the prompt's length)", param="kv_document_tokens")
         spill = params.kv_spill

@@ -271,13 +271,15 @@ def test_a_spilled_document_gives_back_the_token_a_later_question_asks_for(asked
     assert rid not in spilled.cache.host  # once the question has chosen, the host copy is let go: only the budget stays
 
 
-def test_auto_spills_with_snapkv_where_whole_heads_would_leave_the_rest_too_little(asked):
+def test_auto_spills_with_snapkv_before_a_question_and_with_heads_where_the_question_is_in_the_prompt(asked):
     engine = _engine(asked, head_ranking=[(1, 0)], whole_heads=1)
-    rid = engine.add_request(_asked_prompt(), SamplingParams(max_tokens=2, kv_budget=208, kv_document_tokens=300, kv_spill=True))
+    after = engine.add_request(_asked_prompt(), SamplingParams(max_tokens=2, kv_budget=208, kv_document_tokens=300, kv_spill=True))
+    inside = engine.add_request(_asked_prompt(), SamplingParams(max_tokens=2, kv_budget=208, kv_spill=True))
     while engine.has_work:
         engine.step()
     assert engine.auto_policy == "heads"
-    assert engine.finished_stats[rid].policy == "snapkv" and engine.finished_stats[rid].host_bytes > 0
+    assert engine.finished_stats[after].policy == "snapkv" and engine.finished_stats[after].host_bytes > 0
+    assert engine.finished_stats[inside].policy == "heads" and engine.finished_stats[inside].host_bytes > 0
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "heads"])
