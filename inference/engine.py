@@ -490,10 +490,10 @@ class Engine:
         reread = max(0, min(policy.window, r.budget - self.sinks - self.recent, n - r.end_point))
         first = n - reread
         window = r.spill_window
-        freed = 0
+        held = len(cache.seqs[r.id].blocks)
         for _ in range(max(1, self.spill_rounds) if reread else 1):
             rows, kept_scores = self._choose(r, window, first, r.budget - reread)
-            freed += cache.refill(r.id, rows)
+            cache.refill(r.id, rows)
             if not reread:
                 break
             cache.rewind_whole(r.id, first)
@@ -505,7 +505,7 @@ class Engine:
         state.scores, r.spill_window = kept_scores, None
         if reread:  # decode-time passes add attention mass to the scores, as after any prompt-end pass
             policy.observe(state, cache, r.id, queries, torch.arange(first, n), prompt_read=True)
-        return freed
+        return held - len(cache.seqs[r.id].blocks)
 
     def _choose(self, r: _Request, window: list, first: int, keep_n: int) -> tuple[list, list]:
         """Per layer, the host rows before ``first`` that the window's queries (post-RoPE, at the prompt's
