@@ -189,11 +189,10 @@ def _params(state: BackendState, body: _Body, max_tokens: int | None) -> Samplin
         raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
     budget = body.kv_budget if body.kv_budget is not None else state.default_kv_budget
     policy = body.kv_policy if body.kv_policy is not None else state.default_kv_policy
-    # The server's default spills only where it can act (a budget, a question after a document, a
-    # query-aware policy); a request that asks for it explicitly gets an error where it cannot.
+    # The server's default spills only where it can act (a budget, a query-aware policy, a runner
+    # that can re-read); a request that asks for it explicitly gets an error where it cannot.
     spill = body.kv_spill if body.kv_spill is not None else (
-        state.default_kv_spill and budget is not None and body.kv_document_tokens is not None
-        and getattr(state.worker.engine.runner, "reread_supported", False)
+        state.default_kv_spill and budget is not None and getattr(state.worker.engine.runner, "reread_supported", False)
         and (policy or "auto").partition(":")[0].strip().lower() in ("snapkv", "heads", "auto"))
     return SamplingParams(max_tokens=max_tokens or state.default_max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                           stop=stop, kv_budget=budget, kv_policy=policy, kv_document_tokens=body.kv_document_tokens, kv_spill=spill)

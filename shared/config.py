@@ -190,7 +190,7 @@ class BackendConfig(Section):
         "auto", description="Default KV compaction policy (which tokens survive a KV budget); auto picks the measured best"
     )
     kv_spill: bool = Field(
-        False, description="Keep a compacted request's prompt K/V in host memory: its prompt is read a chunk at a time, and a question after its document (kv_document_tokens) chooses the survivors again"
+        True, description="Keep a compacted request's prompt K/V in host memory: its prompt is read a chunk at a time, and a question after its document (kv_document_tokens) chooses the survivors again"
     )
     kv_spill_format: Literal["float16", "int8"] = Field("float16", description="How that host tier stores K/V: float16, or int8 with one scale per token and head")
     max_batch: int = Field(8, ge=1, description="Most sequences decoded together")

@@ -184,6 +184,21 @@ def test_with_api_tokens_the_backend_wants_a_bearer_key_with_the_completion_scop
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
 
 
+def test_a_server_that_spills_by_default_spills_budgeted_query_aware_requests_only(tiny):
+    engine = Engine(tiny.runner, tiny.tokenizer, num_blocks=128, stats=tiny.stats, prefill_chunk=64, recent=32)
+    with served(build_app(engine, tiny.tokenizer, MODEL, default_kv_budget=64, default_kv_spill=True)) as url, \
+            httpx.Client(base_url=url, timeout=120) as client:
+        def kv(**fields):
+            body = client.post("/v1/completions", json={"model": MODEL, "prompt": "word " * 300, "max_tokens": 4, **fields})
+            assert body.status_code == 200, body.text
+            return body.json()["usage"]["kv"]
+
+        spilled = kv(kv_policy="snapkv")
+        assert spilled["bytes_host"] > 0 and spilled["bytes_peak"] < 300 // 16 * engine.cache.bytes_per_block  # one chunk, not the prompt
+        assert kv(kv_policy="h2o")["bytes_host"] == 0  # a streaming policy has nothing to choose again: not spilled, not refused
+        assert kv(kv_policy="snapkv", kv_spill=False)["bytes_host"] == 0
+
+
 def test_bound_to_loopback_a_request_naming_another_host_is_refused(tiny):
     engine = Engine(tiny.runner, tiny.tokenizer, num_blocks=64, stats=tiny.stats, prefill_chunk=64, recent=32)
     app = build_app(engine, tiny.tokenizer, MODEL, allowed_hosts=["127.0.0.1:*", "localhost:*"])
