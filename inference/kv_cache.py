@@ -317,7 +317,6 @@ class PagedKVCache:
             if heads:
                 host.write(layer, first_position, self.k[layer].view(-1, *self.k[layer].shape[2:])[slots],
                            self.v[layer].view(-1, *self.v[layer].shape[2:])[slots])
-        host.length = max(host.length, first_position + n)
 
     def refill(self, seq_id: str, rows_per_layer: Sequence[Sequence[int] | Sequence[Sequence[int]]]) -> int:
         """Replace the sequence's pool contents by host rows (logical positions), in the order given.
