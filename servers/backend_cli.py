@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--kv-policy", default=None, metavar="NAME",
                        help="default compaction policy: auto, recent, h2o, snapkv, triattention or heads (default: backend.kv_policy, auto)")
     serve.add_argument("--kv-spill", action=argparse.BooleanOptionalAction, default=None,
-                       help="keep a compacted request's prompt K/V in host memory: its prompt is read a chunk at a time (the pool's "
-                            "peak is its budget), and a question read after its document (kv_document_tokens) chooses the survivors "
+                       help="keep a compacted request's prompt K/V in host memory: its prompt is read a chunk at a time (the pool "
+                            "holds a chunk, then the budget), and a question read after its document (kv_document_tokens) chooses the survivors "
                             "again; snapkv, heads and auto (default: backend.kv_spill, on)")
     serve.add_argument("--kv-spill-format", default=None, choices=("float16", "int8"),
                        help="how that host tier stores K/V (default: backend.kv_spill_format, float16)")
