@@ -358,7 +358,7 @@ def _cell(policy, task, setting, length, budget, probes, got, full, stats, secs,
         "blocks_freed": sum(s.blocks_freed for s in stats) / len(stats),
         "ms_per_pass": 1000 * sum(s.compaction_s for s in stats) / passes if passes else None,
         "whole_blocks": sum(s.whole_blocks for s in stats) / len(stats),
-        "kv_spill": "+spill" in (policy or ""),
+        "kv_spill": split_spill(policy)[1],
         "kv_bytes_host": sum(s.host_bytes for s in stats) / len(stats),
         "samples": len(probes), "prompt_tokens": sum(len(p["ids"]) for p in probes) / len(probes), "seconds": secs,
     }

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from hydrabrain.inference.engine import Engine, RequestOutput, RequestRejected, SamplingParams
+from hydrabrain.inference.policies import UnknownPolicy, parse_policy
 
 
 class APIError(Exception):
@@ -193,9 +194,17 @@ def _params(state: BackendState, body: _Body, max_tokens: int | None) -> Samplin
     # that can re-read); a request that asks for it explicitly gets an error where it cannot.
     spill = body.kv_spill if body.kv_spill is not None else (
         state.default_kv_spill and budget is not None and getattr(state.worker.engine.runner, "reread_supported", False)
-        and (policy or "auto").partition(":")[0].strip().lower() in ("snapkv", "heads", "auto"))
+        and _query_aware(policy or state.worker.engine.kv_policy))
     return SamplingParams(max_tokens=max_tokens or state.default_max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                           stop=stop, kv_budget=budget, kv_policy=policy, kv_document_tokens=body.kv_document_tokens, kv_spill=spill)
+
+
+def _query_aware(spec: str) -> bool:
+    """Whether a policy name is one kv_spill works with (an unknown name is left for the engine to refuse)."""
+    try:
+        return parse_policy(spec).name in ("snapkv", "heads", "auto")
+    except UnknownPolicy:
+        return False
 
 
 def _message_text(content: str | list[dict[str, Any]] | None) -> str:

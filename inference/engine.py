@@ -190,13 +190,12 @@ class Engine:
         total = len(prompt_ids) + params.max_tokens
         budget = params.kv_budget
         spec = params.kv_policy or self.kv_policy
-        name, _, option = spec.strip().lower().partition(":")
+        policy = self.policy(spec) if budget is not None or params.kv_policy else None
         doc = params.kv_document_tokens
-        if params.kv_spill and name == "auto" and doc is not None and doc < len(prompt_ids):
+        if policy is not None and params.kv_spill and doc is not None and doc < len(prompt_ids) and parse_policy(spec).name == "auto":
             # Measured with a question after the document (benchmarks/kv_compaction.md): snapkv re-selects
             # better than heads there, whose whole heads leave the other heads less of the budget.
-            spec = "snapkv" + (f":{option}" if option else "")
-        policy = self.policy(spec) if budget is not None or params.kv_policy else None
+            policy = self.policy(f"snapkv:{policy.granularity}")
         if doc is not None and not 0 < doc <= len(prompt_ids):
             raise RequestRejected(f"kv_document_tokens must lie in [1, {len(prompt_ids)}] (the prompt's length)", param="kv_document_tokens")
         spill = params.kv_spill
@@ -426,14 +425,7 @@ class Engine:
         if due:
             started = time.perf_counter()
             keep = policy.plan(r.pstate, self.cache, r.id, r.next_position, budget)
-            freed = self.cache.compact(r.id, keep)
-            took = time.perf_counter() - started
-            r.since_compaction = 0
-            r.stats.compactions += 1
-            r.stats.blocks_freed += freed
-            r.stats.compaction_s += took
-            self.compaction_s += took
-            self.blocks_freed += freed
+            self._record_pass(r, started, self.cache.compact(r.id, keep))
         if ended_now:
             r.need_blocks = min(r.need_blocks, r.steady_need)  # the prompt-end peak is over: others may use it
 
@@ -462,21 +454,28 @@ class Engine:
             freed = cache.compact(r.id, policy.plan(state, cache, r.id, r.next_position, budget))
         else:
             return
+        self._record_pass(r, started, max(0, freed))
+
+    def _record_pass(self, r: _Request, started: float, freed: int) -> None:
         took = time.perf_counter() - started
         r.since_compaction = 0
         r.stats.compactions += 1
-        r.stats.blocks_freed += max(0, freed)
+        r.stats.blocks_freed += freed
         r.stats.compaction_s += took
         self.compaction_s += took
-        self.blocks_freed += max(0, freed)
+        self.blocks_freed += freed
 
     def _keep_window(self, r: _Request, queries: list, positions: torch.Tensor) -> None:
         """Keep the last ``window`` queries (post-RoPE) of the question, per layer."""
         assert isinstance(r.policy, SnapKV)
         w = r.policy.window
-        new = [rope(q, positions, r.policy.inv_freq) if q is not None and self.cache.kv_heads[layer] else None for layer, q in enumerate(queries)]
+        new = self._roped(r.policy, queries, positions)
         old = r.spill_window or [None] * len(new)
         r.spill_window = [None if q is None else (q if o is None else torch.cat([o, q]))[-w:] for o, q in zip(old, new, strict=True)]
+
+    def _roped(self, policy: SnapKV, queries: list, positions: torch.Tensor) -> list:
+        """Per layer, pre-RoPE queries rotated to their positions (None where a layer holds no K/V)."""
+        return [rope(q, positions, policy.inv_freq) if q is not None and self.cache.kv_heads[layer] else None for layer, q in enumerate(queries)]
 
     def _reselect(self, r: _Request) -> int:
         """Choose the survivors again from every prompt token in the host tier, by the attention the
@@ -500,8 +499,7 @@ class Engine:
             queries: list = [None] * len(cache.k)
             r.reread_logits = self.runner.prefill(cache, r.id, torch.tensor(r.prompt[first:]), first, query_hook=queries.__setitem__)
             cache.spill_newest(r.id, first, reread)
-            positions = torch.arange(first, n)
-            window = [rope(q, positions, policy.inv_freq) if q is not None and cache.kv_heads[layer] else None for layer, q in enumerate(queries)]
+            window = self._roped(policy, queries, torch.arange(first, n))
         state.scores, r.spill_window = kept_scores, None
         if reread:  # decode-time passes add attention mass to the scores, as after any prompt-end pass
             policy.observe(state, cache, r.id, queries, torch.arange(first, n), prompt_read=True)
@@ -521,7 +519,7 @@ class Engine:
                 rows.append(None)
                 kept_scores.append(None)
                 continue
-            votes = attention_mass(q, host.read(layer, slice(0, n))[0], n - q.shape[0], policy.scale)  # (Hkv, n)
+            votes = attention_mass(q, host.keys(layer, slice(0, n)), n - q.shape[0], policy.scale)  # (Hkv, n)
             pooled = torch.nn.functional.max_pool1d(votes[:, None], policy.pool, stride=1, padding=policy.pool // 2)[:, 0, :first]
             if policy.granularity == "head":
                 keep = [select_keep(s, keep_n, self.sinks, self.recent) for s in pooled]

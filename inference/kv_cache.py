@@ -197,15 +197,17 @@ class HostKV:
 
     def read(self, layer: int, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of one layer as float32, (N, Hkv, D) each: an index tensor or a slice of positions."""
-        out = []
-        for store, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            target = store[layer]
-            assert target is not None
-            x = target[rows].float()
-            if self.format == "int8":
-                x = x * scale[layer][rows].float()  # type: ignore[index]
-            out.append(x)
-        return out[0], out[1]
+        return self._load(self.k, self.k_scale, layer, rows), self._load(self.v, self.v_scale, layer, rows)
+
+    def keys(self, layer: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The keys alone (what a vote over the host rows reads)."""
+        return self._load(self.k, self.k_scale, layer, rows)
+
+    def _load(self, store: list, scale: list, layer: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        target = store[layer]
+        assert target is not None
+        x = target[rows].float()
+        return x * scale[layer][rows].float() if self.format == "int8" else x
 
 
 @dataclass
@@ -291,6 +293,13 @@ class PagedKVCache:
             )  # (len(queries), T, D)
             o[row][:, queries] = out.transpose(0, 1).to(o.dtype)
 
+    @staticmethod
+    def _slots(seq: SequenceBlocks, idx: torch.Tensor) -> torch.Tensor:
+        """Pool slots of the sequence's physical token indices ``idx``."""
+        if not len(idx):
+            return idx.long()
+        return torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE
+
     def add_host(self, seq_id: str, capacity: int, fmt: str = "float16") -> int:
         """Keep the K/V of up to ``capacity`` tokens of the sequence in host memory; returns the bytes set aside."""
         self.host[seq_id] = host = HostKV(self.kv_heads, self.head_dim, capacity, fmt)
@@ -311,8 +320,7 @@ class PagedKVCache:
         """Copy the K/V of the sequence's ``n`` newest tokens (its last physical slots, the same in every
         head) to the host tier at logical positions ``first_position`` onward (a re-read overwrites)."""
         host, seq = self.host[seq_id], self.seqs[seq_id]
-        idx = torch.arange(seq.length - n, seq.length)
-        slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE
+        slots = self._slots(seq, torch.arange(seq.length - n, seq.length))
         for layer, heads in enumerate(self.kv_heads):
             if heads:
                 host.write(layer, first_position, self.k[layer].view(-1, *self.k[layer].shape[2:])[slots],
@@ -342,8 +350,7 @@ class PagedKVCache:
             grow = need - len(seq.blocks)
             seq.blocks.extend(self.pool.allocate(grow))
             freed = -grow
-        idx = torch.arange(m)
-        slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE if m else idx
+        slots = self._slots(seq, torch.arange(m))
         for layer, heads in enumerate(per_layer):
             if not self.kv_heads[layer] or not m:
                 continue
@@ -410,8 +417,7 @@ class PagedKVCache:
         if not self.kv_heads[layer]:
             empty = self.k[layer].new_zeros(seq.length, 0, self.head_dim)
             return empty, empty
-        idx = torch.arange(seq.length)
-        slots = torch.tensor(seq.blocks, dtype=torch.long)[idx // BLOCK_SIZE] * BLOCK_SIZE + idx % BLOCK_SIZE if seq.length else idx
+        slots = self._slots(seq, torch.arange(seq.length))
         k = self.k[layer].view(-1, *self.k[layer].shape[2:])[slots]
         v = self.v[layer].view(-1, *self.v[layer].shape[2:])[slots]
         return k, v
