@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--whole-heads", type=int, default=3, metavar="N", help="KV heads the heads policy keeps whole")
+    parser.add_argument("--snapkv-window", type=int, default=None, metavar="W", help="observation window of snapkv and heads (default: the engine's)")
+    parser.add_argument("--snapkv-pool", type=int, default=None, metavar="P", help="neighbours a vote is max-pooled over (default: the engine's)")
+    parser.add_argument("--snapkv-chunk", type=int, default=None, metavar="C",
+                        help="choose whole C-token chunks by their mean vote instead of tokens (0: off, the engine's default)")
     parser.add_argument("--spill-format", default="float16", choices=("float16", "int8"), help="how the host tier stores K/V (NAME+spill policies)")
     parser.add_argument("--spill-rounds", type=int, default=None, metavar="N",
                         help="re-selections after a question that follows a spilled document (policies named NAME+spill; default: the engine's)")
@@ -271,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.spill_rounds is not None:
             engine.spill_rounds = args.spill_rounds
         engine.spill_format = args.spill_format
+        for name in ("window", "pool", "chunk"):
+            if getattr(args, f"snapkv_{name}") is not None:
+                setattr(engine, f"snapkv_{name}", getattr(args, f"snapkv_{name}"))
+                engine._policies.clear()  # built with the engine's defaults
         return engine
 
     engine = make_engine(8 * (max(args.lengths) + 128) // 16 + 64)
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/kv_compaction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads, "block_size": 16, "bytes_per_block": bpb, "prefill_chunk": args.chunk,
         "compaction_interval": engine.compaction_interval, "sinks": engine.sinks, "recent": engine.recent,
-        "snapkv_window": engine.snapkv_window, "snapkv_pool": engine.snapkv_pool,
+        "snapkv_window": engine.snapkv_window, "snapkv_pool": engine.snapkv_pool, "snapkv_chunk": engine.snapkv_chunk,
         "whole_heads": engine.head_ranking[: engine.whole_heads] if engine.head_ranking else None,
         "auto": engine.auto_policy, "samples": args.samples, "spill_rounds": engine.spill_rounds, "spill_format": engine.spill_format,
     }

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from hydrabrain.inference.kv_cache import BLOCK_SIZE, HostKV
-from hydrabrain.inference.policies import H2O, Heads, Policy, PolicyState, Recent, SnapKV, TriAttention, UnknownPolicy, attention_mass, parse_policy, rope
+from hydrabrain.inference.policies import H2O, Heads, Policy, PolicyState, Recent, SnapKV, TriAttention, UnknownPolicy, attention_mass, parse_policy, pool_votes, rope
 from hydrabrain.inference.scoring import QueryStats, select_keep
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -132,6 +132,7 @@ class Engine:
         whole_heads: int = 3,
         snapkv_window: int = 32,
         snapkv_pool: int = 7,
+        snapkv_chunk: int = 0,
         spill_rounds: int = 2,
         spill_format: str = "float16",
     ) -> None:
@@ -147,7 +148,10 @@ class Engine:
         self.stats = stats
         self.head_ranking = head_ranking
         self.whole_heads = whole_heads
-        self.snapkv_window, self.snapkv_pool = snapkv_window, snapkv_pool
+        if snapkv_chunk < 0:
+            raise ValueError(f"snapkv_chunk={snapkv_chunk}: use 0 (single tokens) or a chunk size in tokens")
+        # snapkv and heads choose whole chunks of this many tokens by their mean vote (0: single tokens)
+        self.snapkv_window, self.snapkv_pool, self.snapkv_chunk = snapkv_window, snapkv_pool, snapkv_chunk
         self.spill_rounds = spill_rounds  # re-selections after a question that follows a spilled document
         self.spill_format = spill_format  # how the host tier stores K/V: float16, or int8 with per-row scales
         HostKV(self.cache.kv_heads, self.cache.head_dim, 0, spill_format)  # an unknown format fails at start-up
@@ -265,7 +269,7 @@ class Engine:
             return self._policies[key]
         common = {"sinks": self.sinks, "recent": self.recent, "granularity": parsed.granularity,
                   "scale": getattr(self.runner, "scale", self.runner.head_dim**-0.5), "inv_freq": self.runner.inv_freq}
-        snap = {"window": self.snapkv_window, "pool": self.snapkv_pool}
+        snap = {"window": self.snapkv_window, "pool": self.snapkv_pool, "chunk": self.snapkv_chunk}
         if name == "recent":
             policy: Policy = Recent(**common)
         elif name == "h2o":
@@ -520,7 +524,7 @@ class Engine:
                 kept_scores.append(None)
                 continue
             votes = attention_mass(q, host.keys(layer, slice(0, n)), n - q.shape[0], policy.scale)  # (Hkv, n)
-            pooled = torch.nn.functional.max_pool1d(votes[:, None], policy.pool, stride=1, padding=policy.pool // 2)[:, 0, :first]
+            pooled = pool_votes(votes, policy.pool, policy.chunk)[:, :first]
             if policy.granularity == "head":
                 keep = [select_keep(s, keep_n, self.sinks, self.recent) for s in pooled]
                 rows.append(keep)

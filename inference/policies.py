@@ -189,13 +189,30 @@ class H2O(Policy):
         return scores
 
 
+def pool_votes(votes: torch.Tensor, pool: int, chunk: int = 0) -> torch.Tensor:
+    """Smooth a window's votes (Hkv, N) so that what survives keeps its neighbours.
+
+    ``chunk`` 0: max-pool over ``pool`` neighbours (SnapKV). ``chunk`` C > 1: every token scores its
+    aligned C-token chunk's mean vote (in the manner of ChunkKV), plus a sliver of its own pooled vote
+    so that a chunk cut by the budget keeps its best tokens: selection then takes whole chunks, and a
+    fact spread over several tokens (a name and the number after it) survives or goes as one.
+    """
+    pooled = torch.nn.functional.max_pool1d(votes[:, None], pool, stride=1, padding=pool // 2)[:, 0]
+    if chunk <= 1:
+        return pooled
+    hkv, n = votes.shape
+    padded = torch.nn.functional.pad(votes, (0, (-n) % chunk))
+    means = padded.view(hkv, -1, chunk).mean(-1).repeat_interleave(chunk, dim=1)[:, :n]
+    return means + 1e-3 * pooled
+
+
 class SnapKV(H2O):
     name = "snapkv"
     streaming = False
 
-    def __init__(self, *, window: int = 32, pool: int = 7, **kwargs) -> None:
+    def __init__(self, *, window: int = 32, pool: int = 7, chunk: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.window, self.pool = window, pool
+        self.window, self.pool, self.chunk = window, pool, chunk
 
     def observe(self, state, cache, seq_id, queries, positions, prompt_read):
         if prompt_read:  # after the prompt-end pass, decode-time attention accumulates as in h2o
@@ -218,7 +235,7 @@ class SnapKV(H2O):
                 continue
             keys, _ = cache.gather(layer, seq_id)
             votes = attention_mass(window, keys, keys.shape[0] - window.shape[0], self.scale)  # (Hkv, N)
-            pooled = torch.nn.functional.max_pool1d(votes[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0]
+            pooled = pool_votes(votes, self.pool, self.chunk)
             self._accumulate(state, layer, pooled)
             state.window[layer] = None
 

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "again; snapkv, heads and auto (default: backend.kv_spill, on)")
     serve.add_argument("--kv-spill-format", default=None, choices=("float16", "int8"),
                        help="how that host tier stores K/V (default: backend.kv_spill_format, float16)")
+    serve.add_argument("--kv-chunk", type=int, default=None, metavar="N",
+                       help="snapkv and heads (and so auto) keep whole N-token chunks chosen by their mean vote, so a fact spread over "
+                            "several tokens survives or goes as one; 0 keeps single tokens (default: backend.kv_chunk)")
     serve.add_argument("--heads-file", default=None, metavar="FILE",
                        help="head ranking for the heads policy (default: computed once per model by causal patching and cached in the data home)")
     serve.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="16-token blocks in the KV pool (default 2048)")
@@ -55,6 +58,10 @@ def _serve(args: argparse.Namespace) -> int:
     budget = args.kv_budget if args.kv_budget is not None else cfg.kv_budget_tokens
     policy = args.kv_policy or cfg.kv_policy
     spill = args.kv_spill if args.kv_spill is not None else cfg.kv_spill
+    chunk = args.kv_chunk if args.kv_chunk is not None else cfg.kv_chunk
+    if chunk < 0:
+        print("hydrabrain backend: --kv-chunk must be 0 (single tokens) or a chunk size in tokens", file=sys.stderr)
+        return 2
 
     from hydrabrain.shared import auth, serving
 
@@ -84,7 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         engine, tokenizer = api.create_engine(model, num_blocks=args.kv_blocks, max_batch=args.max_batch or cfg.max_batch,
                                               kv_policy=policy, heads_file=heads_file, rank_if_missing=rank,
-                                              spill_format=args.kv_spill_format or cfg.kv_spill_format)
+                                              spill_format=args.kv_spill_format or cfg.kv_spill_format,
+                                              snapkv_chunk=chunk)
     except ModelNotFound as exc:
         print(f"hydrabrain backend: {exc}", file=sys.stderr)
         return 2

@@ -371,3 +371,52 @@ def test_a_ranking_file_is_read_best_first_and_a_greedy_one_in_the_order_chosen(
     greedy.write_text(json.dumps({"search": "greedy", "scores": [{"layer": 1, "group": 0, "restored": 0.4},
                                                                   {"layer": 2, "group": 1, "restored": 0.9}]}))
     assert load_head_ranking(greedy) == [(1, 0), (2, 1)]
+
+
+def _kept_positions(engine: Engine, rid: str, runner: PagedLlama, prompt: list[int], layer: int = 0) -> list[set[int]]:
+    """Per KV head, the prompt positions whose keys the compacted cache still holds (matched to a full read)."""
+    with torch.inference_mode():
+        full = runner.new_cache(64)
+        full.add("ref")
+        runner.prefill(full, "ref", torch.tensor(prompt), 0)
+    reference, _ = full.gather(layer, "ref")  # (N, Hkv, D)
+    keys, _ = engine.cache.gather(layer, rid)
+    kept = []
+    for h in range(keys.shape[1]):
+        distance = torch.cdist(keys[:, h].float(), reference[:, h].float())  # (kept, N)
+        nearest, index = distance.min(1)
+        assert bool((nearest < 0.05).all())  # every kept key is one the prompt wrote (float16 on the host tier)
+        kept.append({int(i) for i in index})
+    return kept
+
+
+def test_chunked_votes_rank_a_whole_aligned_chunk_by_its_mean_and_its_best_tokens_first():
+    from hydrabrain.inference.policies import pool_votes
+    from hydrabrain.inference.scoring import select_keep
+
+    votes = torch.zeros(1, 100)
+    votes[0, 37] = 1.0  # one strong vote, in the chunk 32..39
+    votes[0, [10, 60, 90]] = 0.3  # isolated weaker votes elsewhere
+    assert torch.equal(pool_votes(votes, 7, 0), torch.nn.functional.max_pool1d(votes[:, None], 7, stride=1, padding=3)[:, 0])
+    chunked = pool_votes(votes, 7, 8)[0]
+    assert select_keep(chunked, 4 + 8 + 4, sinks=4, recent=4) == [0, 1, 2, 3, *range(32, 40), 96, 97, 98, 99]
+    assert int(chunked[32:40].argmax()) + 32 in range(34, 41)  # a chunk cut by the budget keeps the tokens near the vote
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_chunked_snapkv_keeps_the_planted_tokens_whole_chunk_and_a_plain_one_only_its_neighbours(planted, spill):
+    prompt = _prompt(300, 150)  # the planted token sits in the 16-token chunk 144..159
+    kept = {}
+    for chunk in (0, 16):
+        engine = _engine(planted, snapkv_chunk=chunk)
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, kv_budget=96, kv_policy="snapkv", kv_spill=spill))
+        _run_until(engine, rid, 1)
+        assert _planted_survives(engine, rid)
+        kept[chunk] = _kept_positions(engine, rid, planted.runner, prompt)
+    assert all(set(range(144, 160)) <= heads for heads in kept[16])
+    assert not all(set(range(144, 160)) <= heads for heads in kept[0])
+
+
+def test_a_negative_chunk_size_is_refused_when_the_engine_is_built(planted):
+    with pytest.raises(ValueError, match="snapkv_chunk"):
+        _engine(planted, snapkv_chunk=-1)
