@@ -420,3 +420,10 @@ def test_a_chunked_snapkv_keeps_the_planted_tokens_whole_chunk_and_a_plain_one_o
 def test_a_negative_chunk_size_is_refused_when_the_engine_is_built(planted):
     with pytest.raises(ValueError, match="snapkv_chunk"):
         _engine(planted, snapkv_chunk=-1)
+
+
+def test_backend_serve_refuses_a_negative_chunk_size_before_loading_a_model(settings, capsys):
+    from hydrabrain.servers.cli import main
+
+    assert main(["backend", "serve", "--kv-chunk", "-1"]) == 2
+    assert "--kv-chunk" in capsys.readouterr().err
