@@ -132,7 +132,7 @@ class Engine:
         whole_heads: int = 3,
         snapkv_window: int = 32,
         snapkv_pool: int = 7,
-        snapkv_chunk: int = 0,
+        snapkv_chunk: int = 16,
         spill_rounds: int = 2,
         spill_format: str = "float16",
     ) -> None:

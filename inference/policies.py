@@ -9,7 +9,8 @@ of the budget by its own score:
   cached (H2O), so a key's score does not restart at each pass.
 - ``snapkv``: waits for the end of the prompt, then the last ``window`` prompt tokens (the
   observation window, which holds the question) vote by attention for the earlier keys, votes
-  max-pooled over ``pool`` neighbours (SnapKV); later passes add decode-time attention (as h2o).
+  max-pooled over ``pool`` neighbours (SnapKV), or averaged over aligned ``chunk``-token chunks so
+  that whole chunks survive (`pool_votes`); later passes add decode-time attention (as h2o).
 - ``triattention``: keys scored from calibrated pre-RoPE query statistics (no attention weight),
   standardised per head and summed over passes.
 - ``heads``: the KV heads that causal patching ranks highest keep their whole K/V beside the
