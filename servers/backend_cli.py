@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="how that host tier stores K/V (default: backend.kv_spill_format, float16)")
     serve.add_argument("--kv-chunk", type=int, default=None, metavar="N",
                        help="snapkv and heads (and so auto) keep whole N-token chunks chosen by their mean vote, so a fact spread over "
-                            "several tokens survives or goes as one; 0 keeps single tokens (default: backend.kv_chunk)")
+                            "several tokens survives or goes as one; auto takes N/2 for a question after its document; 0 keeps single tokens "
+                            "(default: backend.kv_chunk)")
     serve.add_argument("--heads-file", default=None, metavar="FILE",
                        help="head ranking for the heads policy (default: computed once per model by causal patching and cached in the data home)")
     serve.add_argument("--kv-blocks", type=int, default=2048, metavar="N", help="16-token blocks in the KV pool (default 2048)")

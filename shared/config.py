@@ -193,7 +193,7 @@ class BackendConfig(Section):
         True, description="Keep a compacted request's prompt K/V in host memory: its prompt is read a chunk at a time, and a question after its document (kv_document_tokens) chooses the survivors again"
     )
     kv_spill_format: Literal["float16", "int8"] = Field("float16", description="How that host tier stores K/V: float16, or int8 with one scale per token and head")
-    kv_chunk: int = Field(16, ge=0, description="snapkv and heads (and so auto) keep whole chunks of this many tokens, chosen by their mean vote; 0 keeps single tokens")
+    kv_chunk: int = Field(16, ge=0, description="snapkv and heads (and so auto) keep whole chunks of this many tokens, chosen by their mean vote (auto: half of it for a question after its document); 0 keeps single tokens")
     max_batch: int = Field(8, ge=1, description="Most sequences decoded together")
 
 

@@ -427,3 +427,14 @@ def test_backend_serve_refuses_a_negative_chunk_size_before_loading_a_model(sett
 
     assert main(["backend", "serve", "--kv-chunk", "-1"]) == 2
     assert "--kv-chunk" in capsys.readouterr().err
+
+
+def test_auto_chooses_half_size_chunks_for_a_question_after_its_document_and_full_size_ones_in_the_prompt(asked):
+    engine = _engine(asked, head_ranking=[(1, 0)], whole_heads=1, snapkv_chunk=16)
+    after = engine.add_request(_asked_prompt(), SamplingParams(max_tokens=2, kv_budget=208, kv_document_tokens=300, kv_spill=True))
+    inside = engine.add_request(_asked_prompt(), SamplingParams(max_tokens=2, kv_budget=208, kv_spill=True))
+    chunks = {r.id: r.policy.chunk for r in engine.waiting}
+    assert chunks == {after: 8, inside: 16}
+    while engine.has_work:
+        engine.step()
+    assert engine.finished_stats[after].policy == "snapkv" and engine.finished_stats[inside].policy == "heads"
