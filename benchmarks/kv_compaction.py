@@ -240,10 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--whole-heads", type=int, default=3, metavar="N", help="KV heads the heads policy keeps whole")
-    parser.add_argument("--snapkv-window", type=int, default=None, metavar="W", help="observation window of snapkv and heads (default: the engine's)")
-    parser.add_argument("--snapkv-pool", type=int, default=None, metavar="P", help="neighbours a vote is max-pooled over (default: the engine's)")
     parser.add_argument("--snapkv-chunk", type=int, default=None, metavar="C",
-                        help="choose whole C-token chunks by their mean vote instead of tokens (0: off, the engine's default)")
+                        help="choose whole C-token chunks by their mean vote (0: single tokens; default: the engine's, 16)")
     parser.add_argument("--spill-format", default="float16", choices=("float16", "int8"), help="how the host tier stores K/V (NAME+spill policies)")
     parser.add_argument("--spill-rounds", type=int, default=None, metavar="N",
                         help="re-selections after a question that follows a spilled document (policies named NAME+spill; default: the engine's)")
@@ -271,14 +269,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_engine(blocks: int):
         engine = create_engine(args.model, num_blocks=blocks, max_batch=args.max_batch, prefill_chunk=args.chunk, heads_file=args.heads_file,
-                               rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads)[0]
+                               rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads, snapkv_chunk=args.snapkv_chunk)[0]
         if args.spill_rounds is not None:
             engine.spill_rounds = args.spill_rounds
         engine.spill_format = args.spill_format
-        for name in ("window", "pool", "chunk"):
-            if getattr(args, f"snapkv_{name}") is not None:
-                setattr(engine, f"snapkv_{name}", getattr(args, f"snapkv_{name}"))
-                engine._policies.clear()  # built with the engine's defaults
         return engine
 
     engine = make_engine(8 * (max(args.lengths) + 128) // 16 + 64)

@@ -373,13 +373,17 @@ def test_a_ranking_file_is_read_best_first_and_a_greedy_one_in_the_order_chosen(
     assert load_head_ranking(greedy) == [(1, 0), (2, 1)]
 
 
-def _kept_positions(engine: Engine, rid: str, runner: PagedLlama, prompt: list[int], layer: int = 0) -> list[set[int]]:
-    """Per KV head, the prompt positions whose keys the compacted cache still holds (matched to a full read)."""
+def _full_keys(runner: PagedLlama, prompt: list[int], layer: int = 0) -> torch.Tensor:
+    """The keys (N, Hkv, D) of one layer after reading the whole prompt with no compaction."""
     with torch.inference_mode():
         full = runner.new_cache(64)
         full.add("ref")
         runner.prefill(full, "ref", torch.tensor(prompt), 0)
-    reference, _ = full.gather(layer, "ref")  # (N, Hkv, D)
+    return full.gather(layer, "ref")[0]
+
+
+def _kept_positions(engine: Engine, rid: str, reference: torch.Tensor, layer: int = 0) -> list[set[int]]:
+    """Per KV head, the prompt positions whose keys the compacted cache still holds (matched to `_full_keys`)."""
     keys, _ = engine.cache.gather(layer, rid)
     kept = []
     for h in range(keys.shape[1]):
@@ -406,13 +410,14 @@ def test_chunked_votes_rank_a_whole_aligned_chunk_by_its_mean_and_its_best_token
 @pytest.mark.parametrize("spill", [False, True])
 def test_a_chunked_snapkv_keeps_the_planted_tokens_whole_chunk_and_a_plain_one_only_its_neighbours(planted, spill):
     prompt = _prompt(300, 150)  # the planted token sits in the 16-token chunk 144..159
+    reference = _full_keys(planted.runner, prompt)
     kept = {}
     for chunk in (0, 16):
         engine = _engine(planted, snapkv_chunk=chunk)
         rid = engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, kv_budget=96, kv_policy="snapkv", kv_spill=spill))
         _run_until(engine, rid, 1)
         assert _planted_survives(engine, rid)
-        kept[chunk] = _kept_positions(engine, rid, planted.runner, prompt)
+        kept[chunk] = _kept_positions(engine, rid, reference)
     assert all(set(range(144, 160)) <= heads for heads in kept[16])
     assert not all(set(range(144, 160)) <= heads for heads in kept[0])
 
