@@ -42,7 +42,7 @@ def env_alias(name: str) -> dict[str, Any]:
 
 class EmbeddingConfig(Section):
     model: str = Field("minilm", description="'minilm' (the packaged all-MiniLM-L6-v2) or a sentence-transformers model path")
-    batch_size: int = Field(32, ge=1, description="Texts per forward pass")
+    batch_size: int = Field(8, ge=1, description="Most texts per forward pass; texts are batched with others of similar length")
     cache: bool = Field(True, description="Cache embeddings by content hash under the data home")
 
 

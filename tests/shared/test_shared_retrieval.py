@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hydrabrain.shared.config import Settings
@@ -32,6 +33,23 @@ def test_embeddings_are_normalised_and_cached_by_content(settings: Settings) -> 
     assert abs(float(vectors[0] @ vectors[0]) - 1.0) < 1e-4
     assert (vectors[0] == vectors[2]).all()
     assert embedder.count_tokens("hello world") == 2
+
+
+def test_texts_of_mixed_lengths_are_batched_with_similar_ones_and_come_back_in_the_order_given(settings: Settings) -> None:
+    from hydrabrain.shared.embeddings import length_groups
+
+    lengths = [3, 40, 38, 5, 90, 4, 36, 33, 80]
+    groups = length_groups(lengths, batch_size=2)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(len(g) <= 2 and min(lengths[i] for i in g) >= 0.8 * lengths[g[0]] for g in groups)
+    assert groups[0] == [4, 8] and [lengths[g[0]] for g in groups] == sorted((lengths[g[0]] for g in groups), reverse=True)
+
+    embedder = get_embedder(settings)
+    texts = ["ok", "a much longer sentence about the release schedule of the parser and who signs it off", "yes", "the parser ships on friday"]
+    pooled, pieces = embedder.embed_with_tokens(texts)
+    one_batch = embedder.model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(pooled, one_batch, atol=1e-5)
+    assert [len(p.ids) for p in pieces] == [embedder.count_tokens(t) for t in texts]
 
 
 def test_a_rare_identifier_is_found_by_the_lexical_side(retriever: HybridRetriever) -> None:
