@@ -128,8 +128,8 @@ class Embedder:
     def _encode(self, texts: Sequence[str], **kwargs) -> list:
         """``model.encode`` over batches of similar length (`length_groups`), results in the order given.
         The caller holds the lock."""
-        limit = self.model.max_seq_length
-        lengths = [min(limit, n) for n in map(len, self.model.tokenizer(list(texts), add_special_tokens=True)["input_ids"])]
+        limit = self.model.max_seq_length  # longer texts are cut there, by the encoder too
+        lengths = [len(ids) for ids in self.model.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
         out: list = [None] * len(texts)
         for group in length_groups(lengths, self.batch_size):
             encoded = self.model.encode([texts[i] for i in group], batch_size=len(group), show_progress_bar=False, **kwargs)
