@@ -42,22 +42,24 @@ CONFIGS = {"fixed batches of 32 (before)": (32, 1.0), "similar lengths, at most 
 
 def ingest_rate(batches: list[list[dict]], encoding: str, batch_size: int, padding: float) -> float:
     """Turns per second writing ``batches`` (one session each) into a fresh data home."""
-    os.environ["HYDRABRAIN_HOME"] = tempfile.mkdtemp(prefix="hb-ingest-")
-    os.environ["HYDRABRAIN_EMBEDDINGS_BATCH_SIZE"] = str(batch_size)
-    os.environ["HYDRABRAIN_MEMORY_TURN_ENCODING"] = encoding
     groups = embeddings.length_groups
     # padding 1.0 puts every text in its batch whatever its length: fixed batches in length order
     embeddings.length_groups = lambda lengths, size, _padding=padding: groups(lengths, size, _padding)  # type: ignore[assignment]
-    try:
+    with tempfile.TemporaryDirectory(prefix="hb-ingest-") as home:
+        os.environ["HYDRABRAIN_HOME"] = home
+        os.environ["HYDRABRAIN_EMBEDDINGS_BATCH_SIZE"] = str(batch_size)
+        os.environ["HYDRABRAIN_MEMORY_TURN_ENCODING"] = encoding
         service = MemoryService(load_settings())
-        service.embedder.batch_size = batch_size  # the embedder is shared per model: set this run's size
-        service.embedder.embed(["warm up"])
-        started = time.perf_counter()
-        for n, turns in enumerate(batches):
-            service.remember_turns(service.start_session("bench", f"session {n}").id, turns)
-        return sum(len(b) for b in batches) / (time.perf_counter() - started)
-    finally:
-        embeddings.length_groups = groups
+        try:
+            service.embedder.batch_size = batch_size  # the embedder is shared per model: set this run's size
+            service.embedder.embed(["warm up"])
+            started = time.perf_counter()
+            for n, turns in enumerate(batches):
+                service.remember_turns(service.start_session("bench", f"session {n}").id, turns)
+            return sum(len(b) for b in batches) / (time.perf_counter() - started)
+        finally:
+            service.close()
+            embeddings.length_groups = groups
 
 
 def main() -> None:
