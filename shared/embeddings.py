@@ -128,6 +128,8 @@ class Embedder:
     def _encode(self, texts: Sequence[str], **kwargs) -> list:
         """``model.encode`` over batches of similar length (`length_groups`), results in the order given.
         The caller holds the lock."""
+        if not texts:
+            return []
         limit = self.model.max_seq_length  # longer texts are cut there, by the encoder too
         lengths = [len(ids) for ids in self.model.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
         out: list = [None] * len(texts)
