@@ -42,16 +42,14 @@ CONFIGS = {"fixed batches of 32 (before)": (32, 1.0), "similar lengths, at most 
 
 def ingest_rate(batches: list[list[dict]], encoding: str, batch_size: int, padding: float) -> float:
     """Turns per second writing ``batches`` (one session each) into a fresh data home."""
-    groups = embeddings.length_groups
-    # padding 1.0 puts every text in its batch whatever its length: fixed batches in length order
-    embeddings.length_groups = lambda lengths, size, _padding=padding: groups(lengths, size, _padding)  # type: ignore[assignment]
     with tempfile.TemporaryDirectory(prefix="hb-ingest-") as home:
         os.environ["HYDRABRAIN_HOME"] = home
         os.environ["HYDRABRAIN_EMBEDDINGS_BATCH_SIZE"] = str(batch_size)
         os.environ["HYDRABRAIN_MEMORY_TURN_ENCODING"] = encoding
         service = MemoryService(load_settings())
         try:
-            service.embedder.batch_size = batch_size  # the embedder is shared per model: set this run's size
+            # set on the embedder itself: one may be shared between homes (with the content cache off)
+            service.embedder.batch_size, service.embedder.padding = batch_size, padding  # padding 1.0: fixed batches
             service.embedder.embed(["warm up"])
             started = time.perf_counter()
             for n, turns in enumerate(batches):
@@ -59,7 +57,6 @@ def ingest_rate(batches: list[list[dict]], encoding: str, batch_size: int, paddi
             return sum(len(b) for b in batches) / (time.perf_counter() - started)
         finally:
             service.close()
-            embeddings.length_groups = groups
 
 
 def main() -> None:

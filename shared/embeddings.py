@@ -111,6 +111,7 @@ class Embedder:
     def __init__(self, model_path: Path, batch_size: int = 8, cache_file: Path | None = None) -> None:
         self.model_path = model_path
         self.batch_size = batch_size
+        self.padding = PADDING_SHARE  # 1.0 batches texts in length order whatever their lengths
         self.model, self._lock, self._memory = _load_model(model_path)
         self.dim = int(self.model.get_embedding_dimension() or DIM)
         self._db: sqlite3.Connection | None = None
@@ -128,12 +129,12 @@ class Embedder:
     def _encode(self, texts: Sequence[str], **kwargs) -> list:
         """``model.encode`` over batches of similar length (`length_groups`), results in the order given.
         The caller holds the lock."""
-        if not texts:
-            return []
+        if len(texts) <= 1:  # nothing to group (a query): no length count to pay for
+            return list(self.model.encode(list(texts), show_progress_bar=False, **kwargs)) if texts else []
         limit = self.model.max_seq_length  # longer texts are cut there, by the encoder too
         lengths = [len(ids) for ids in self.model.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
         out: list = [None] * len(texts)
-        for group in length_groups(lengths, self.batch_size):
+        for group in length_groups(lengths, self.batch_size, self.padding):
             encoded = self.model.encode([texts[i] for i in group], batch_size=len(group), show_progress_bar=False, **kwargs)
             for i, row in zip(group, encoded, strict=True):
                 out[i] = row
