@@ -133,7 +133,8 @@ class Engine:
         snapkv_window: int = 32,
         snapkv_pool: int = 7,
         snapkv_chunk: int = 16,
-        spill_rounds: int = 2,
+        spill_rounds: int = 1,
+        spill_recall: int = 2,
         spill_format: str = "float16",
     ) -> None:
         self.runner = runner
@@ -152,7 +153,12 @@ class Engine:
             raise ValueError(f"snapkv_chunk={snapkv_chunk}: use 0 (single tokens) or a chunk size in tokens")
         # snapkv and heads choose whole chunks of this many tokens by their mean vote (0: single tokens)
         self.snapkv_window, self.snapkv_pool, self.snapkv_chunk = snapkv_window, snapkv_pool, snapkv_chunk
-        self.spill_rounds = spill_rounds  # re-selections after a question that follows a spilled document
+        if spill_rounds < 1 or spill_recall < 1:
+            raise ValueError(f"spill_rounds={spill_rounds}, spill_recall={spill_recall}: both count, so both are at least 1")
+        self.spill_rounds = spill_rounds  # readings of a question that follows a spilled document over rows it recalled
+        # those readings go over this many times the budget, recalled from the host tier; then the cache
+        # is cut to the budget and the question keeps the K/V (and the answer the logits) of that reading
+        self.spill_recall = spill_recall
         self.spill_format = spill_format  # how the host tier stores K/V: float16, or int8 with per-row scales
         HostKV(self.cache.kv_heads, self.cache.head_dim, 0, spill_format)  # an unknown format fails at start-up
         self._policies: dict[str, Policy] = {}
@@ -239,6 +245,8 @@ class Engine:
             steady = min(total, main + self.compaction_interval + follows + 1)
             # a spilling request reads its prompt a chunk at a time against the host tier
             worst = max(min(total, self.prefill_chunk if spill else end_point), steady)
+            if spill and follows:  # the question is read over a wider recall before the cut to the budget
+                worst = max(worst, min(total, self.spill_recall * main))
         need = math.ceil(worst / BLOCK_SIZE) + whole_blocks
         if need > self.cache.pool.num_blocks:
             raise RequestRejected(
@@ -485,10 +493,12 @@ class Engine:
         return [rope(q, positions, policy.inv_freq) if q is not None and self.cache.kv_heads[layer] else None for layer, q in enumerate(queries)]
 
     def _reselect(self, r: _Request) -> int:
-        """Choose the survivors again from every prompt token in the host tier, by the attention the
-        question's last ``window`` tokens pay them, then read those tokens again over the chosen cache
-        (their first reading saw only what the document-end pass kept). Each further round votes with
-        the queries of the latest reading. Returns blocks freed."""
+        """Recall from every prompt token in the host tier the rows the question's last ``window`` tokens
+        attend to most, ``spill_recall`` times the budget of them, and read those tokens again over them
+        (their first reading saw only what the document-end pass kept); each further round votes with
+        the queries of the latest reading. A wider recall is then cut to the budget by the same votes,
+        and the question keeps the K/V and logits of its reading over the wider one: the answer is read
+        from more of the document than it decodes against. Returns blocks freed."""
         policy, state, cache = r.policy, r.pstate, self.cache
         assert isinstance(policy, SnapKV) and state is not None and r.budget is not None
         n = len(r.prompt)
@@ -497,8 +507,9 @@ class Engine:
         first = n - reread
         window = r.spill_window
         held = len(cache.seqs[r.id].blocks)
-        for _ in range(max(1, self.spill_rounds) if reread else 1):
-            rows, kept_scores = self._choose(r, window, first, r.budget - reread)
+        wide = min(self.spill_recall * r.budget, first + reread) if reread else r.budget
+        for _ in range(self.spill_rounds if reread else 1):
+            rows, kept_scores = self._choose(r, window, first, wide - reread)
             cache.refill(r.id, rows)
             if not reread:
                 break
@@ -507,6 +518,11 @@ class Engine:
             r.reread_logits = self.runner.prefill(cache, r.id, torch.tensor(r.prompt[first:]), first, query_hook=queries.__setitem__)
             cache.spill_newest(r.id, first, reread)
             window = self._roped(policy, queries, torch.arange(first, n))
+            r.stats.peak_blocks = max(r.stats.peak_blocks, cache.blocks_held(r.id))  # a wider recall peaks here
+        if reread and wide > r.budget:  # cut to the budget; the question's rows stay as just read
+            rows, kept_scores = self._choose(r, window, first, r.budget - reread)
+            tail = list(range(first, n))
+            cache.refill(r.id, [[[*h, *tail] for h in k] if k and not isinstance(k[0], int) else [*k, *tail] for k in rows])
         state.scores, r.spill_window = kept_scores, None
         if reread:  # decode-time passes add attention mass to the scores, as after any prompt-end pass
             policy.observe(state, cache, r.id, queries, torch.arange(first, n), prompt_read=True)

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "again; snapkv, heads and auto (default: backend.kv_spill, on)")
     serve.add_argument("--kv-spill-format", default=None, choices=("float16", "int8"),
                        help="how that host tier stores K/V (default: backend.kv_spill_format, float16)")
+    serve.add_argument("--kv-spill-recall", type=int, default=None, metavar="N",
+                       help="a question read after its spilled document is read over N times the budget, recalled from the host tier, "
+                            "then the cache is cut to the budget: the peak holds N budgets for that reading (default: backend.kv_spill_recall, 2)")
     serve.add_argument("--kv-chunk", type=int, default=None, metavar="N",
                        help="snapkv and heads (and so auto) keep whole N-token chunks chosen by their mean vote, so a fact spread over "
                             "several tokens survives or goes as one; auto takes N/2 for a question after its document; 0 keeps single tokens "
@@ -63,6 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
     if chunk < 0:
         print("hydrabrain backend: --kv-chunk must be 0 (single tokens) or a chunk size in tokens", file=sys.stderr)
         return 2
+    recall = args.kv_spill_recall if args.kv_spill_recall is not None else cfg.kv_spill_recall
+    if recall < 1:
+        print("hydrabrain backend: --kv-spill-recall must be at least 1 (1 reads a later question over the budget itself)", file=sys.stderr)
+        return 2
 
     from hydrabrain.shared import auth, serving
 
@@ -93,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
         engine, tokenizer = api.create_engine(model, num_blocks=args.kv_blocks, max_batch=args.max_batch or cfg.max_batch,
                                               kv_policy=policy, heads_file=heads_file, rank_if_missing=rank,
                                               spill_format=args.kv_spill_format or cfg.kv_spill_format,
+                                              spill_recall=recall,
                                               snapkv_chunk=chunk)
     except ModelNotFound as exc:
         print(f"hydrabrain backend: {exc}", file=sys.stderr)
