@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spill-format", default="float16", choices=("float16", "int8"), help="how the host tier stores K/V (NAME+spill policies)")
     parser.add_argument("--spill-rounds", type=int, default=None, metavar="N",
                         help="re-selections after a question that follows a spilled document (policies named NAME+spill; default: the engine's)")
-    parser.add_argument("--spill-recall", type=int, default=2, metavar="N",
+    parser.add_argument("--spill-recall", type=int, default=3, metavar="N",
                         help="a question after a spilled document is read over N times the budget before the cut to it (1: over the budget)")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
     parser.add_argument("--concurrency-pool", type=int, default=600, help="blocks in that pool")

@@ -513,7 +513,7 @@ class _Guard:
 def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, prefill_chunk: int = 256, compaction_interval: int = 128,
                   kv_policy: str = "auto", heads_file: str | Path | None = None, rank_if_missing: bool = False,
                   calibration_text: str | None = None, whole_heads: int = 3, spill_format: str = "float16",
-                  snapkv_chunk: int | None = None, spill_recall: int = 2) -> tuple[Engine, Any]:
+                  snapkv_chunk: int | None = None, spill_recall: int = 3) -> tuple[Engine, Any]:
     """Load ``model`` (name or path), calibrate its query statistics and build an engine.
 
     ``heads_file`` caches the model's head ranking (causal patching) for the ``heads`` policy: read

@@ -134,7 +134,7 @@ class Engine:
         snapkv_pool: int = 7,
         snapkv_chunk: int = 16,
         spill_rounds: int = 1,
-        spill_recall: int = 2,
+        spill_recall: int = 3,
         spill_format: str = "float16",
     ) -> None:
         self.runner = runner

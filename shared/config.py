@@ -194,7 +194,7 @@ class BackendConfig(Section):
     )
     kv_spill_format: Literal["float16", "int8"] = Field("float16", description="How that host tier stores K/V: float16, or int8 with one scale per token and head")
     kv_spill_recall: int = Field(
-        2, ge=1, description="A question after its spilled document is read over this many times the budget, recalled from the host tier, then the cache is cut to the budget (the peak holds that many budgets; 1: read over the budget)"
+        3, ge=1, description="A question after its spilled document is read over this many times the budget, recalled from the host tier, then the cache is cut to the budget (the peak holds that many budgets; 1: read over the budget)"
     )
     kv_chunk: int = Field(16, ge=0, description="snapkv and heads (and so auto) keep whole chunks of this many tokens, chosen by their mean vote (auto: half of it for a question after its document); 0 keeps single tokens")
     max_batch: int = Field(8, ge=1, description="Most sequences decoded together")
