@@ -52,8 +52,9 @@ class SamplingParams:
     # pool holds one chunk until the prompt-end pass chooses the survivors from every token, so the
     # peak is bounded as a streaming policy's while the choice is the prompt-end one. With
     # kv_document_tokens the choice made where the document ends is not final either: once the
-    # question has been read, the survivors are chosen again by the attention it pays, and it is read
-    # anew over them. Needs a query-aware policy (snapkv, heads) and a runner that can re-read.
+    # question has been read, the rows it attends to most are recalled (Engine.spill_recall budgets of
+    # them), it is read anew over them, and the cache is cut to the budget. Needs a query-aware policy
+    # (snapkv, heads) and a runner that can re-read.
     kv_spill: bool = False
     ignore_eos: bool = False  # keep going past the end-of-sequence token (benchmarks)
 
