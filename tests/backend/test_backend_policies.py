@@ -463,6 +463,13 @@ def test_backend_serve_refuses_a_negative_chunk_size_before_loading_a_model(sett
     assert "--kv-chunk" in capsys.readouterr().err
 
 
+def test_backend_serve_refuses_a_spill_recall_below_one_before_loading_a_model(settings, capsys):
+    from hydrabrain.servers.cli import main
+
+    assert main(["backend", "serve", "--kv-spill-recall", "0"]) == 2
+    assert "--kv-spill-recall" in capsys.readouterr().err
+
+
 def test_auto_chooses_half_size_chunks_for_a_question_after_its_document_and_full_size_ones_in_the_prompt(asked):
     engine = _engine(asked, head_ranking=[(1, 0)], whole_heads=1, snapkv_chunk=16)
     after = engine.add_request(_asked_prompt(), SamplingParams(max_tokens=2, kv_budget=208, kv_document_tokens=300, kv_spill=True))
