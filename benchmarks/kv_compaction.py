@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spill-format", default="float16", choices=("float16", "int8"), help="how the host tier stores K/V (NAME+spill policies)")
     parser.add_argument("--spill-rounds", type=int, default=None, metavar="N",
                         help="re-selections after a question that follows a spilled document (policies named NAME+spill; default: the engine's)")
-    parser.add_argument("--spill-recall", type=int, default=3, metavar="N",
-                        help="a question after a spilled document is read over N times the budget before the cut to it (1: over the budget)")
+    parser.add_argument("--spill-recall", type=int, default=None, metavar="N",
+                        help="a question after a spilled document is read over N times the budget before the cut to it "
+                             "(1: over the budget; default: the engine's)")
     parser.add_argument("--concurrency", type=int, default=0, metavar="N", help="also run N concurrent 4k-token requests through one fixed pool")
     parser.add_argument("--concurrency-pool", type=int, default=600, help="blocks in that pool")
     parser.add_argument("--concurrency-tokens", type=int, default=16, help="tokens each of those requests decodes; longer keeps early requests running while later ones are read")
@@ -274,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                                rank_if_missing=True, calibration_text=calibration, whole_heads=args.whole_heads, snapkv_chunk=args.snapkv_chunk)[0]
         if args.spill_rounds is not None:
             engine.spill_rounds = args.spill_rounds
-        engine.spill_recall = args.spill_recall
+        if args.spill_recall is not None:
+            engine.spill_recall = args.spill_recall
         engine.spill_format = args.spill_format
         return engine
 
