@@ -513,7 +513,7 @@ class _Guard:
 def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, prefill_chunk: int = 256, compaction_interval: int = 128,
                   kv_policy: str = "auto", heads_file: str | Path | None = None, rank_if_missing: bool = False,
                   calibration_text: str | None = None, whole_heads: int = 3, spill_format: str = "float16",
-                  snapkv_chunk: int | None = None, spill_recall: int = 3) -> tuple[Engine, Any]:
+                  snapkv_chunk: int | None = None, spill_recall: int | None = None) -> tuple[Engine, Any]:
     """Load ``model`` (name or path), calibrate its query statistics and build an engine.
 
     ``heads_file`` caches the model's head ranking (causal patching) for the ``heads`` policy: read
@@ -522,7 +522,8 @@ def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, pre
     ``whole_heads`` is how many of the ranked KV heads the ``heads`` policy keeps whole.
     ``spill_format`` is how the host tier of ``kv_spill`` requests stores K/V (float16 or int8).
     ``spill_recall``: a question after a spilled document is read over this many times the budget,
-    recalled from the host tier, before the cache is cut to the budget (1: read over the budget).
+    recalled from the host tier, before the cache is cut to the budget (1: read over the budget;
+    None: the engine's default).
     ``snapkv_chunk``: snapkv and heads choose whole chunks of this many tokens (0: single tokens;
     None: the engine's default).
     """
@@ -548,8 +549,8 @@ def create_engine(model: str, *, num_blocks: int = 2048, max_batch: int = 8, pre
             ranking = rank_heads(hf_model, tokenizer, heads_file)
     engine = Engine(runner, tokenizer, num_blocks=num_blocks, max_batch=max_batch, prefill_chunk=prefill_chunk,
                     compaction_interval=compaction_interval, stats=stats, eos_token_ids=eos, kv_policy=kv_policy, head_ranking=ranking,
-                    whole_heads=whole_heads, spill_format=spill_format, spill_recall=spill_recall,
-                    **({} if snapkv_chunk is None else {"snapkv_chunk": snapkv_chunk}))
+                    whole_heads=whole_heads, spill_format=spill_format,
+                    **{name: value for name, value in (("snapkv_chunk", snapkv_chunk), ("spill_recall", spill_recall)) if value is not None})
     return engine, tokenizer
 
 

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="how that host tier stores K/V (default: backend.kv_spill_format, float16)")
     serve.add_argument("--kv-spill-recall", type=int, default=None, metavar="N",
                        help="a question read after its spilled document is read over N times the budget, recalled from the host tier, "
-                            "then the cache is cut to the budget: the peak holds N budgets for that reading (default: backend.kv_spill_recall, 3)")
+                            "then the cache is cut to the budget: the peak holds N budgets for that reading (default: backend.kv_spill_recall)")
     serve.add_argument("--kv-chunk", type=int, default=None, metavar="N",
                        help="snapkv and heads (and so auto) keep whole N-token chunks chosen by their mean vote, so a fact spread over "
                             "several tokens survives or goes as one; auto takes N/2 for a question after its document; 0 keeps single tokens "
